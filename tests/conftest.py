@@ -1,0 +1,87 @@
+"""Shared fixtures: an isolated ALIGNKIT_HOME, tiny models built once per session, and a
+helper that runs the CLI in-process and returns (exit code, stdout, stderr)."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("DISABLE_TQDM", "1")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def alignkit_home(tmp_path_factory):
+    """Every test run gets its own model cache; the real SmolLM2 cache is shared via
+    ALIGNKIT_TEST_REAL_HOME for slow tests only."""
+    home = tmp_path_factory.mktemp("alignkit_home")
+    old = os.environ.get("ALIGNKIT_HOME")
+    os.environ["ALIGNKIT_HOME"] = str(home)
+    yield home
+    if old is None:
+        os.environ.pop("ALIGNKIT_HOME", None)
+    else:
+        os.environ["ALIGNKIT_HOME"] = old
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    """A tiny random Llama folder (seed 0), built once per session."""
+    from alignkit.models import build_tiny
+    out = tmp_path_factory.mktemp("tiny") / "m"
+    out.mkdir()
+    return build_tiny(out, seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_b(tmp_path_factory) -> Path:
+    """A second tiny Llama (seed 1): same tokenizer, different weights."""
+    from alignkit.models import build_tiny
+    out = tmp_path_factory.mktemp("tiny_b") / "m"
+    out.mkdir()
+    return build_tiny(out, seed=1)
+
+
+class CliResult:
+    def __init__(self, code, out, err):
+        self.code, self.out, self.err = code, out, err
+
+    @property
+    def records(self):
+        return [json.loads(l) for l in self.out.splitlines() if l.strip()]
+
+    def __repr__(self):
+        return f"CliResult(code={self.code}, err={self.err[-2000:]!r})"
+
+
+@pytest.fixture
+def cli(monkeypatch):
+    """Run `alignkit ARGS` in-process: cli(["score", ...], stdin=str|bytes)."""
+    from alignkit import cli as cli_mod
+
+    def run(args, stdin: str | bytes | None = None) -> CliResult:
+        data = stdin.encode() if isinstance(stdin, str) else (stdin or b"")
+        fake_in = io.TextIOWrapper(io.BytesIO(data), encoding="utf-8")
+        out_buf, err_buf = io.StringIO(), io.StringIO()
+        monkeypatch.setattr(sys, "stdin", fake_in)
+        monkeypatch.setattr(sys, "stdout", out_buf)
+        monkeypatch.setattr(sys, "stderr", err_buf)
+        try:
+            code = cli_mod.main([str(a) for a in args])
+        finally:
+            monkeypatch.undo()
+        return CliResult(code, out_buf.getvalue(), err_buf.getvalue())
+
+    return run
+
+
+def write_jsonl(path: Path, records) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    return path

@@ -1,0 +1,108 @@
+"""The CLI contract: exit codes, stdin handling, help without heavy imports, schema,
+config files, completions."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from alignkit.cli import COMMAND_MODULES
+
+ROOT = Path(__file__).resolve().parents[1]
+HEAVY = ("torch", "transformers", "trl", "datasets")
+
+
+def _help_imports(args):
+    code = (
+        "import sys\nfrom alignkit.cli import main\n"
+        f"rc = main({args!r})\n"
+        f"print('HEAVY', [m for m in {HEAVY!r} if m in sys.modules], rc, file=sys.stderr)\n"
+    )
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    return p
+
+
+def _subcommands():
+    import typer.main
+
+    from alignkit.cli import app
+    root = typer.main.get_command(app)
+    out = []
+    for name, cmd in root.commands.items():
+        out.append([name])
+        for sub in getattr(cmd, "commands", {}):
+            out.append([name, sub])
+    return out
+
+
+def test_root_help_is_light():
+    p = _help_imports(["--help"])
+    assert "HEAVY [] 0" in p.stderr, p.stderr
+    assert "Example" in p.stdout
+
+
+@pytest.mark.parametrize("cmd", _subcommands(), ids=lambda c: " ".join(c))
+def test_every_command_help_is_light_and_has_example(cmd):
+    p = _help_imports(cmd + ["--help"])
+    assert "HEAVY [] 0" in p.stderr, p.stderr
+    assert "Example" in p.stdout, f"{cmd}: --help needs a worked example"
+
+
+def test_version(cli):
+    r = cli(["--version"])
+    assert r.code == 0 and r.out.startswith("alignkit ")
+
+
+def test_unknown_command_is_usage_error(cli):
+    assert cli(["no-such-command"]).code == 2
+
+
+def test_schema(cli):
+    r = cli(["schema", "pair"])
+    assert r.code == 0
+    s = json.loads(r.out)
+    assert s["required"] == ["id", "prompt", "chosen", "rejected"]
+    assert cli(["schema", "nope"]).code == 2
+
+
+def test_env_json(cli):
+    r = cli(["env", "--json"])
+    info = json.loads(r.out)
+    assert r.code == 0 and info["alignkit"] and "torch_threads" in info
+
+
+def test_console_script_exit_codes(tmp_path):
+    """The installed entry point, end to end: bad data -> 3 with path:line."""
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"id": "a", "prompt": "x"}\nnot json\n')
+    exe = Path(sys.executable).parent / "alignkit"
+    p = subprocess.run([str(exe), "schema", "pair"], capture_output=True, text=True)
+    assert p.returncode == 0
+    p = subprocess.run([str(exe), "--debug", "schema", "zzz"], capture_output=True, text=True)
+    assert p.returncode == 2 and "Error: unknown record type" in p.stderr
+
+
+def test_completions_are_current(tmp_path):
+    from alignkit.completions import GENERATORS
+    for name, gen in GENERATORS.items():
+        committed = (ROOT / "completions" / name).read_text()
+        assert committed == gen(), f"completions/{name} is stale: run `make completions`"
+
+
+def test_completion_scripts_name_every_command():
+    text = (ROOT / "completions" / "alignkit.bash").read_text()
+    for cmd in _subcommands():
+        assert cmd[-1] in text
+
+
+def test_config_file_supplies_flags(cli, tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("as-json: true\n")
+    r = cli(["--config", str(cfg), "env"])
+    assert r.code == 0 and json.loads(r.out)["alignkit"]
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("- 1\n- 2\n")
+    assert cli(["--config", str(bad), "env"]).code == 2
