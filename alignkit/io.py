@@ -119,6 +119,7 @@ class RecordReader:
         self.max_line_bytes = max_line_bytes or MAX_LINE_BYTES
         self.sha256: str | None = None
         self.count = 0
+        self.line = 0  # line number of the record last yielded (for located errors)
         self._stream = _open_binary(path)  # fail early on a missing file or a tty
 
     def __iter__(self) -> Iterator[dict]:
@@ -158,6 +159,7 @@ class RecordReader:
                         raise DataError(f"duplicate id {rid!r}", self.name, lineno, "id")
                     seen.add(rid)
                 self.count += 1
+                self.line = lineno
                 yield obj
         self.sha256 = digest.hexdigest()
         if self.count == 0 and not self.allow_empty:

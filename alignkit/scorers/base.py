@@ -1,0 +1,119 @@
+"""What every scorer shares: the unit of work (`Item`), the `Scorer` base class, and
+small helpers (text rendering, tokenising a batch, choosing a device).
+
+A scorer receives a list of `Item`s (one per completion, with its prompt, the record's
+`meta`, the index of its group and its file location) and returns one value per item:
+a float, or None when the item cannot be scored by that scorer (e.g. `rules` on a
+record without `meta.checks`). A scorer may also put per-item details into
+`item.extra` (e.g. `"checks"` for rules, `"p_win"` for pairwise); the combination copies
+them onto the completion. Nothing here imports torch at module level.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Sequence
+
+from ..errors import DataError, UsageError
+
+
+@dataclass
+class Item:
+    """One completion to score."""
+    prompt: Any                       # str or chat message list
+    completion: Any                   # str or chat message list
+    meta: dict
+    group: int = 0                    # completions of one group share this (pairwise)
+    where: tuple[str | None, int | None] = (None, None)  # (path, line) for errors
+    extra: dict = field(default_factory=dict)
+
+    def located(self, err: DataError) -> DataError:
+        return err.at(*self.where)
+
+
+class Scorer:
+    """Base class of a registered scorer kind.
+
+    `name` is the key written into `scores` (the spec as given, e.g. `rm:models/rm`).
+    Subclasses parse their spec arguments in `__init__` (raising UsageError) and
+    implement `score`.
+    """
+
+    kind: ClassVar[str] = ""
+    # Why an item may get no score (for the warning count on stderr).
+    missing_reason: ClassVar[str] = "not scorable"
+
+    def __init__(self, name: str, arg: str | None, options: dict):
+        self.name = name
+        self.arg = arg
+        self.options = options
+
+    def score(self, items: Sequence[Item]) -> list[float | None]:  # pragma: no cover
+        raise NotImplementedError
+
+
+def need_arg(kind: str, arg: str | None, what: str) -> str:
+    if not arg:
+        raise UsageError(f"scorer {kind!r} needs {what}: use {kind}:{what.upper()}")
+    return arg
+
+
+def plain(value: Any) -> str:
+    """A chat message list as plain text (`role: content` lines); a string as is."""
+    if isinstance(value, str):
+        return value
+    return "\n\n".join(f"{m['role']}: {m['content']}" for m in value)
+
+
+def as_messages(value: Any, role: str) -> list[dict]:
+    """A string as a one-message list with `role`; a message list unchanged (copied)."""
+    if isinstance(value, str):
+        return [{"role": role, "content": value}]
+    return [dict(m) for m in value]
+
+
+def has_chat_template(tokenizer) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def encode(tokenizer, texts: list[str], max_length: int, *, padding_side: str = "right",
+           truncation_side: str = "right"):
+    """Tokenise a batch of rendered texts as torch tensors.
+
+    Special tokens are added only when the tokenizer has no chat template: a rendered
+    chat template already holds the ones it needs (no doubled BOS).
+    """
+    old = tokenizer.padding_side, tokenizer.truncation_side
+    tokenizer.padding_side, tokenizer.truncation_side = padding_side, truncation_side
+    try:
+        return tokenizer(texts, padding=True, truncation=True, max_length=max_length,
+                         return_tensors="pt", add_special_tokens=not has_chat_template(tokenizer))
+    finally:
+        tokenizer.padding_side, tokenizer.truncation_side = old
+
+
+def device_of(options: dict) -> str:
+    dev = options.get("device")
+    if dev:
+        return dev
+    import torch
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def batches(seq: Sequence, size: int):
+    for i in range(0, len(seq), max(1, size)):
+        yield i, seq[i:i + size]
+
+
+def load_model(options: dict, spec: str, kind: str):
+    """(model, tokenizer) of a "seq_cls" (reward model) or "causal" (judge) model on the
+    scoring device, loaded once per build_scorer call (rm:DIR and pairwise:DIR share it)."""
+    cache = options.setdefault("_models", {})
+    if (kind, spec) not in cache:
+        from .. import models
+        loader = models.load_seq_cls if kind == "seq_cls" else models.load_causal_lm
+        model, tok = loader(spec, options.get("dtype") or "auto",
+                            allow_pickle=options.get("allow_pickle", False),
+                            trust_remote_code=options.get("trust_remote_code", False))
+        model.to(device_of(options))
+        cache[(kind, spec)] = model, tok
+    return cache[(kind, spec)]

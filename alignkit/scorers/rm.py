@@ -1,0 +1,67 @@
+"""`rm:DIR`: a sequence-classification reward model (one scalar per completion).
+
+The model is loaded with `alignkit.models.load_seq_cls` (a safetensors folder, a PEFT
+adapter folder or an embedded name) and run in batches of `batch_size` texts, each
+truncated to `max_length` tokens (right side, like the tokenizer default).
+
+Input format (`rm_inputs`, shared with `train-rm` so training and scoring agree): the
+prompt and the completion as one chat through the tokenizer's chat template when it
+has one (a string prompt becomes a user turn, a string completion an assistant turn);
+otherwise the plain text `prompt + "\\n\\n" + completion` (message lists joined by blank
+lines). Special tokens are added by the tokenizer only when there is no chat template.
+The reward is the model's logit 0 at the last non-padding token (transformers' own
+pooling).
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+from .base import (Item, Scorer, as_messages, batches, encode, has_chat_template, load_model,
+                   need_arg)
+
+
+def _joined(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    return "\n\n".join(m["content"] for m in value)
+
+
+def rm_inputs(tokenizer, prompt: Any, completion: Any) -> str:
+    """The reward model's input text for (prompt, completion); see the module docstring."""
+    if has_chat_template(tokenizer):
+        messages = as_messages(prompt, "user") + as_messages(completion, "assistant")
+        return tokenizer.apply_chat_template(messages, tokenize=False)
+    return f"{_joined(prompt)}\n\n{_joined(completion)}"
+
+
+def rm_rewards(model, tokenizer, texts: Sequence[str], *, batch_size: int = 8,
+               max_length: int = 1024) -> list[float]:
+    """Scalar rewards of rendered texts (batched; longest first to limit padding)."""
+    import torch
+    order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
+    out: list[float] = [0.0] * len(texts)
+    device = next(model.parameters()).device
+    with torch.inference_mode():
+        for _, idx in batches(order, batch_size):
+            enc = encode(tokenizer, [texts[i] for i in idx], max_length).to(device)
+            logits = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits
+            for i, v in zip(idx, logits[:, 0].float().tolist()):
+                out[i] = float(v)
+    return out
+
+
+class RewardModelScorer(Scorer):
+    kind = "rm"
+
+    def __init__(self, name, arg, options):
+        super().__init__(name, arg, options)
+        self.model, self.tokenizer = load_model(options, need_arg(self.kind, arg, "dir"), "seq_cls")
+
+    def rewards(self, items: Sequence[Item]) -> list[float]:
+        texts = [rm_inputs(self.tokenizer, it.prompt, it.completion) for it in items]
+        return rm_rewards(self.model, self.tokenizer, texts,
+                          batch_size=self.options.get("batch_size") or 8,
+                          max_length=self.options.get("max_length") or 1024)
+
+    def score(self, items: Sequence[Item]) -> list[float | None]:
+        return list(self.rewards(items))

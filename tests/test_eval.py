@@ -1,0 +1,75 @@
+"""alignkit eval: metrics on hand-made samples (exact values), model-vs-itself sanity
+(KL 0, win rate one half), the report folder, and bad input."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import write_jsonl
+
+
+def _samples():
+    # two prompts with checks; first completion of each is what IFEval-style accuracy uses
+    return [
+        {"id": "a", "prompt": "Say hi in lowercase.",
+         "meta": {"checks": [{"type": "all_lowercase"}, {"type": "max_words", "n": 3}]},
+         "completions": [{"text": "hi there"}, {"text": "HELLO THERE FRIEND, HOW ARE YOU"}]},
+        {"id": "b", "prompt": "Use no commas.",
+         "meta": {"checks": [{"type": "no_commas"}]},
+         "completions": [{"text": "yes, sure"}, {"text": "no commas here"}]},
+    ]
+
+
+def test_eval_samples_exact_metrics(cli, tmp_path):
+    path = write_jsonl(tmp_path / "s.jsonl", _samples())
+    r = cli(["eval", path, "--scorer", "rules", "--n-boot", "200"])
+    assert r.code == 0, r
+    m = json.loads(r.out)["models"]["samples"]
+    rules = m["rules"]
+    # first completions: "hi there" passes both; "yes, sure" fails no_commas
+    assert rules["prompt_level"] == 0.5
+    assert rules["instruction_level"] == pytest.approx(2 / 3)
+    assert rules["per_check"]["no_commas"] == {"pass_rate": 0.0, "n": 1}
+    # mean score per prompt over its completions: a: (1 + 0)/2, b: (0 + 1)/2
+    assert m["score"]["mean"] == pytest.approx(0.5)
+    assert m["distinct_1"] > 0
+
+
+def test_eval_report_files(cli, tmp_path):
+    path = write_jsonl(tmp_path / "s.jsonl", _samples())
+    rep = tmp_path / "rep"
+    r = cli(["eval", path, "--scorer", "rules", "--report", rep, "--n-boot", "100"])
+    assert r.code == 0, r
+    text = (rep / "report.md").read_text()
+    assert "prompt-level" in text and "no_commas" in text
+    assert (rep / "scores.png").stat().st_size > 1000
+    assert (rep / "checks.png").stat().st_size > 1000
+    assert json.loads((rep / "metrics.json").read_text())["models"]["samples"]["n_prompts"] == 2
+
+
+def test_eval_model_against_itself(cli, tmp_path, tiny_model):
+    prompts = write_jsonl(tmp_path / "p.jsonl", [
+        {"id": f"p{i}", "prompt": f"Tell me about topic {i}.",
+         "meta": {"checks": [{"type": "max_words", "n": 5}]}} for i in range(3)])
+    r = cli(["eval", "--model", tiny_model, "--baseline", tiny_model, prompts,
+             "--max-new-tokens", "8", "--n-boot", "100", "--dtype", "float32"])
+    assert r.code == 0, r
+    m = json.loads(r.out)
+    c = m["comparisons"]["model"]
+    # same model, greedy: identical completions -> all ties, zero KL
+    assert c["win_rate"]["win_rate"] == 0.5 and c["win_rate"]["ties"] == 3
+    assert c["kl"]["k1_mean"] == pytest.approx(0.0, abs=1e-5)
+    assert c["kl"]["k3_mean"] == pytest.approx(0.0, abs=1e-5)
+    assert 0 < c["topk_mass"] <= 1.0
+    assert c["prompt_level_diff"]["diff"] == 0.0
+
+
+def test_eval_bad_input(cli, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"id": "a", "prompt": "x", "completions": []}\n')
+    r = cli(["eval", bad])
+    assert r.code == 3 and "bad.jsonl:1: completions" in r.err
+    assert cli(["eval", bad, "--baseline", "x"]).code == 2
+    assert cli(["eval", bad, "--scorer", "rules", "--weights", "1,2"]).code == 2

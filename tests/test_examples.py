@@ -1,0 +1,68 @@
+"""The shipped examples really run: the demo chain on tiny-llama, and the cron refresh
+script's lock and atomic `current` switch."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+ALIGNKIT = Path(sys.executable).parent / "alignkit"
+
+
+def test_demo_tiny_chain(tmp_path):
+    out = tmp_path / "demo"
+    env = {**os.environ, "PATH": f"{ALIGNKIT.parent}:{os.environ['PATH']}"}
+    p = subprocess.run(["make", "-C", str(ROOT / "examples"), "demo-tiny", f"OUT={out}",
+                        f"ALIGNKIT={ALIGNKIT}"], capture_output=True, text=True, env=env, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    for name in ("samples.jsonl", "scored.jsonl", "pairs.jsonl", "aligned/alignkit.json",
+                 "base-samples.jsonl", "report/report.md", "metrics.json"):
+        assert (out / name).exists(), name
+    assert "accuracy difference" in p.stdout
+    # nothing changed -> make has nothing to do
+    p2 = subprocess.run(["make", "-C", str(ROOT / "examples"), "demo-tiny", f"OUT={out}",
+                         f"ALIGNKIT={ALIGNKIT}", "--question"], capture_output=True, text=True, env=env)
+    assert p2.returncode != 2
+    # change only BETA -> only training and the final eval are out of date
+    dry = subprocess.run(["make", "-C", str(ROOT / "examples"), "demo-tiny", f"OUT={out}",
+                          f"ALIGNKIT={ALIGNKIT}", "BETA=0.3", "-n"], capture_output=True, text=True, env=env)
+    assert "train-policy" in dry.stdout and "eval --model" in dry.stdout
+    assert "gen-pairs" not in dry.stdout and "score --scorer" not in dry.stdout
+
+
+def _refresh(root: Path, cmd: str):
+    env = {**os.environ, "ROOT": str(root), "REFRESH_CMD": cmd}
+    return subprocess.run(["bash", str(ROOT / "examples" / "cron-refresh.sh")],
+                          capture_output=True, text=True, env=env, timeout=60)
+
+
+def test_cron_refresh_switches_only_complete_runs(tmp_path):
+    root = tmp_path / "refresh"
+    ok = 'mkdir -p "$RUN/aligned" && echo "{}" > "$RUN/aligned/alignkit.json"'
+    p = _refresh(root, ok)
+    assert p.returncode == 0, p.stderr
+    first = os.readlink(root / "current")
+    assert (root / "current" / "aligned" / "alignkit.json").exists()
+    # a failing run leaves `current` untouched and exits non-zero
+    p = _refresh(root, 'mkdir -p "$RUN/aligned"; echo half > "$RUN/aligned/model.safetensors"; exit 1')
+    assert p.returncode != 0
+    assert os.readlink(root / "current") == first
+    # an incomplete run (no alignkit.json) is not switched to either
+    p = _refresh(root, 'mkdir -p "$RUN/aligned"')
+    assert p.returncode == 1 and os.readlink(root / "current") == first
+
+
+def test_cron_refresh_lock(tmp_path):
+    root = tmp_path / "refresh"
+    root.mkdir()
+    holder = subprocess.Popen(["flock", str(root / ".lock"), "sleep", "5"])
+    try:
+        import time
+        time.sleep(0.5)
+        p = _refresh(root, 'echo should-not-run; exit 1')
+        assert p.returncode == 0 and "another refresh" in p.stderr
+        assert not (root / "current").exists()
+    finally:
+        holder.kill()
