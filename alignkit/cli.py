@@ -91,7 +91,12 @@ def _config_defaults(argv: list[str]) -> dict | None:
         return None
     from .config import load_config
     values = load_config(path)
-    return {cmd: {k.replace("-", "_"): v for k, v in values.items()}}
+    import keyword
+
+    def pyname(key: str) -> str:  # `lambda` -> typer's parameter `lambda_`
+        name = key.lstrip("-").replace("-", "_")
+        return name + "_" if keyword.iskeyword(name) else name
+    return {cmd: {pyname(k): v for k, v in values.items()}}
 
 
 def _env_setup() -> None:

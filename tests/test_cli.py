@@ -106,3 +106,13 @@ def test_config_file_supplies_flags(cli, tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("- 1\n- 2\n")
     assert cli(["--config", str(bad), "env"]).code == 2
+
+
+def test_every_subpackage_is_packaged():
+    """A regular (non-editable) install must ship every alignkit subpackage."""
+    import tomllib
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {f"alignkit.{p.name}" for p in (ROOT / "alignkit").iterdir()
+             if p.is_dir() and (p / "__init__.py").exists()}
+    assert found <= listed, f"add to pyproject packages: {found - listed}"
+    assert "alignkit.commands" in listed
