@@ -4,13 +4,21 @@ _alignkit() {
   local -a path_words; local w
   for w in ${words[2,CURRENT-1]}; do [[ $w == -* ]] || path_words+=$w; done
   case "${(j: :)path_words}" in
-    "") compadd -- env models schema --debug --quiet --verbose --version -q -v ;;
+    "") compadd -- distill env eval gen-pairs merge-soup models relabel schema score train-policy train-rm --debug --quiet --verbose --version -q -v ;;
+    "distill") compadd -- --allow-pickle --batch-size --beta --beta2 --contrast --dtype --epochs --eval-split --force --grad-accum --gradient-checkpointing --kd-temperature --len-norm --list-methods --lmbda --logging-steps --lora-alpha --lora-dropout --lora-r --lora-targets --lr --max-length --max-new-tokens --max-steps --merge-lora --method --no-len-norm --num-samples --on-policy --output --policy --responses --resume --save-steps --seed --student --student-config --teacher --teacher-ref --temperature --top-p --trust-remote-code --warmup-ratio --weight -m -n -o -s -t ;;
     "env") compadd -- --json ;;
+    "eval") compadd -- --baseline --baseline-samples --batch-size --dtype --limit --max-new-tokens --model --n-boot --no-kl --num-samples --pairs --report --samples-out --scorer --seed --system --temperature --top-p --training-metrics --weights -b -m -n -s ;;
+    "gen-pairs") compadd -- --allow-pickle --alpha --batch-size --contrast-prompt --dtype --engine --max-new-tokens --mixture --model --num-samples --output --pair-with-reference --raw --resume-from --seed --shard --system --temperature --top-k --top-p --trust-remote-code -m -n -o ;;
+    "merge-soup") compadd -- --base --density --dtype --force --lambda --max-shard-size --method --no-normalize --normalize --output --rescale --seed --sign --t --weights -m -o ;;
     "models") compadd -- list pull tiny ;;
     "models list") compadd --  ;;
     "models pull") compadd -- --force --to ;;
     "models tiny") compadd -- --force --heads --hidden --layers --out --seed --tokenizer-from -o ;;
+    "relabel") compadd -- --agree --batch-size --dedupe --dtype --k --keep --length-balance --max-length --min-margin --no-system --output --quantile --rm --scale --seed --shard --strategy --threshold -o ;;
     "schema") compadd --  ;;
+    "score") compadd -- --allow-pickle --batch-size --calibrate --chunk --device --dtype --hybrid --max-length --output --rubric --scorer --shard --tokenizer --transform --trust-remote-code --weights -o -s ;;
+    "train-policy") compadd -- --allow-pickle --batch-size --beta --dtype --epochs --force --grad-accum --gradient-checkpointing --grao-lambda --label-smoothing --list-methods --logging-steps --lora-alpha --lora-dropout --lora-r --lora-targets --loss --loss-weights --lr --max-length --max-steps --merge-lora --method --model --no-record-ref --no-ref-cache --opt --output --ref-model --resume --reward --save-steps --seed --sft-weight --simpo-gamma --trust-remote-code --warmup-ratio -m -o ;;
+    "train-rm") compadd -- --adapt-users --batch-size --center-rewards --curriculum --dtype --em-iters --epochs --eval-pairs --eval-split --force --grad-accum --gradient-checkpointing --head-lr --k --logging-steps --lora-alpha --lora-dropout --lora-r --lora-targets --lr --max-length --max-steps --merge-lora --method --model --no-curriculum --noise-rate --output --pal-dim --resume --save-steps --seed --user-lr --warmup-ratio -m -o ;;
     *) _files ;;
   esac
 }
