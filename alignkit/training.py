@@ -60,10 +60,21 @@ def work_dir_for(out: str | Path) -> Path:
     return out.parent / f"{out.name}.partial"
 
 
+def is_main_process() -> bool:
+    """False in the non-zero ranks of an `accelerate launch`/`torchrun` run (read from the
+    environment, so it works before the process group exists)."""
+    import os
+    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) or 0) == 0
+
+
 def prepare_run(out: str | Path, opts: TrainOptions) -> Path:
-    """Check the output and work folders before any heavy work; return the work folder."""
+    """Check the output and work folders before any heavy work; return the work folder.
+    Only the main process checks and creates it (the other ranks of a distributed run
+    would otherwise find the folder rank 0 just made and refuse)."""
     out = Path(out)
     work = work_dir_for(out)
+    if not is_main_process():
+        return work
     if out.exists() and not opts.force:
         raise UsageError(f"{out} already exists (use --force to replace it)")
     if work.exists() and not opts.resume:
@@ -106,11 +117,13 @@ def trainer_kwargs(opts: TrainOptions, work: Path) -> dict:
         save_steps=opts.save_steps if opts.save_steps > 0 else 500,
         report_to=[],
         disable_tqdm=True,
-        gradient_checkpointing=opts.gradient_checkpointing,
+        # transformers 5 renamed it; the old name (TRL configs default it to True) warns.
+        activation_checkpointing=opts.gradient_checkpointing,
+        gradient_checkpointing=None,
         use_cpu=not torch.cuda.is_available(),
         dataloader_num_workers=0,
         remove_unused_columns=False,
-        warmup_ratio=opts.warmup_ratio,
+        warmup_steps=opts.warmup_ratio,  # transformers 5: a float in [0, 1) is a ratio
         lr_scheduler_type="linear",
         save_only_model=False,
     )

@@ -1,6 +1,8 @@
 """Flags shared by several commands, declared once so they read the same everywhere."""
 from __future__ import annotations
 
+from typing import Optional
+
 import typer
 
 INPUT_HELP = "Input JSONL (.jsonl or .jsonl.gz); '-' reads stdin."
@@ -88,7 +90,11 @@ def train_command(default_lr: float = 5e-6):
         sig = inspect.signature(fn)
         own = [p for n, p in sig.parameters.items() if n != "opts"]
         names = {p.name for p in own}
-        extra = [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=d)
+        # --lr defaults to None (the method's default): without an annotation click
+        # would parse it as a string.
+        types = {"lr": Optional[float]}
+        extra = [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=d,
+                                   annotation=types.get(n, inspect.Parameter.empty))
                  for n, d in _train_params() if n not in names]
         own = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own]
 

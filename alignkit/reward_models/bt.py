@@ -1,0 +1,52 @@
+"""`bt`: a Bradley-Terry reward model through TRL's RewardTrainer (ALGORITHMS.md Part B §4).
+
+L = −mean log σ(r_c − r_r − m) + λ·mean((r_c + r_r)²), with m the optional per-pair
+`margin` and λ = `--center-rewards` (TRL's `center_rewards_coefficient`; 0.01 is the
+recommended value). Any backbone: an encoder (`minilm-l6`) or a causal LM (SmolLM2,
+tiny-llama), which gets a fresh one-output score head. With `--lora-r` the output is a
+PEFT adapter folder (`--merge-lora` writes full weights).
+
+The output is a plain AutoModelForSequenceClassification folder (num_labels=1) that
+`alignkit score --scorer rm:OUT` and plain transformers load.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from .common import (RMConfig, dataset, evaluate, now, report, reward_config,
+                     seed_everything, seq_cls_rewards, tokenize_pairs, train_eval_sets,
+                     train_metrics)
+
+
+def train(pairs: str, model_spec: str, out: str | Path, opts, cfg: RMConfig) -> dict:
+    """Train a BT reward model on `pairs` into `out`; return the held-out metrics."""
+    from trl import RewardTrainer
+
+    from ..models import load_seq_cls, resolve
+    from ..training import lora_config, prepare_run, run_trainer, save_output
+
+    started = now()
+    data, train_recs, eval_recs, inputs = train_eval_sets(pairs, cfg, opts.seed)
+    work = prepare_run(out, opts)
+    seed_everything(opts.seed)  # the fresh score head is drawn from the seeded RNG
+    model, tok = load_seq_cls(model_spec, opts.dtype)
+    rows = tokenize_pairs(tok, train_recs, opts.max_length)
+    peft = lora_config(opts, "SEQ_CLS")
+    trainer = RewardTrainer(model=model, args=reward_config(opts, work, cfg),
+                            train_dataset=dataset(rows), processing_class=tok, peft_config=peft)
+    if peft is not None:  # the adapter names its base the way the user did (embedded name)
+        trainer.model.peft_config["default"].base_model_name_or_path = (
+            model_spec if not Path(model_spec).is_dir() else str(resolve(model_spec)))
+    run_trainer(trainer, work, opts.resume)
+    model = trainer.model
+    metrics = evaluate(lambda p, c, u: seq_cls_rewards(model, tok, p, c,
+                                                       max_length=opts.max_length), eval_recs)
+    report(metrics)
+    info = {"rm_method": "bt", "backbone": model_spec, "rm_options": cfg.as_dict(),
+            "train_options": opts.as_dict(),
+            "metrics": {"heldout": metrics, "train": train_metrics(trainer)},
+            "counts": {"pairs": len(data.records), "train": len(rows),
+                       "heldout": len(eval_recs)}}
+    save_output(model, tok, out, work, force=opts.force, merge_lora=opts.merge_lora, info=info,
+                started=started, seed=opts.seed, inputs=inputs)
+    return {"heldout": metrics}
