@@ -35,6 +35,8 @@ def score(
     batch_size: int = typer.Option(8, "--batch-size", help="Texts per model forward pass."),
     max_length: Optional[int] = typer.Option(None, "--max-length",
                                              help="Max tokens per model input (default 1024 rm/pairwise, 2048 judge)."),
+    user: Optional[str] = typer.Option(None, "--user", help="User id for pluralistic (pal/maxmin) reward models when a record has no meta.user."),
+    aggregate: str = typer.Option("mean", "--aggregate", help="maxmin reward models: min | mean | user."),
     chunk: int = typer.Option(64, "--chunk", help="Records scored at a time (bounds memory)."),
     dtype: str = dtype_opt(),
     device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)."),
@@ -71,7 +73,7 @@ def score(
         scorer, weights, hybrid=hybrid, calibrate=calibrate, transform=transform,
         rubric=rubric, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length,
         dtype=dtype, device=device, allow_pickle=allow_pickle,
-        trust_remote_code=trust_remote_code)
+        trust_remote_code=trust_remote_code, user=user, aggregate=aggregate)
 
     n_records = 0
     batch: list[dict] = []

@@ -163,6 +163,7 @@ complete -c alignkit -n '__fish_seen_subcommand_from relabel' -l shard
 complete -c alignkit -n '__fish_seen_subcommand_from relabel' -l strategy
 complete -c alignkit -n '__fish_seen_subcommand_from relabel' -l threshold
 complete -c alignkit -n '__fish_seen_subcommand_from relabel' -s o
+complete -c alignkit -n '__fish_seen_subcommand_from score' -l aggregate
 complete -c alignkit -n '__fish_seen_subcommand_from score' -l allow-pickle
 complete -c alignkit -n '__fish_seen_subcommand_from score' -l batch-size
 complete -c alignkit -n '__fish_seen_subcommand_from score' -l calibrate
@@ -178,6 +179,7 @@ complete -c alignkit -n '__fish_seen_subcommand_from score' -l shard
 complete -c alignkit -n '__fish_seen_subcommand_from score' -l tokenizer
 complete -c alignkit -n '__fish_seen_subcommand_from score' -l transform
 complete -c alignkit -n '__fish_seen_subcommand_from score' -l trust-remote-code
+complete -c alignkit -n '__fish_seen_subcommand_from score' -l user
 complete -c alignkit -n '__fish_seen_subcommand_from score' -l weights
 complete -c alignkit -n '__fish_seen_subcommand_from score' -s o
 complete -c alignkit -n '__fish_seen_subcommand_from score' -s s

@@ -16,7 +16,7 @@ _alignkit() {
     "models tiny") compadd -- --force --heads --hidden --layers --out --seed --tokenizer-from -o ;;
     "relabel") compadd -- --agree --batch-size --dedupe --dtype --k --keep --length-balance --max-length --min-margin --no-system --output --quantile --rm --scale --seed --shard --strategy --threshold -o ;;
     "schema") compadd --  ;;
-    "score") compadd -- --allow-pickle --batch-size --calibrate --chunk --device --dtype --hybrid --max-length --output --rubric --scorer --shard --tokenizer --transform --trust-remote-code --weights -o -s ;;
+    "score") compadd -- --aggregate --allow-pickle --batch-size --calibrate --chunk --device --dtype --hybrid --max-length --output --rubric --scorer --shard --tokenizer --transform --trust-remote-code --user --weights -o -s ;;
     "train-policy") compadd -- --allow-pickle --batch-size --beta --dtype --epochs --force --grad-accum --gradient-checkpointing --grao-lambda --label-smoothing --list-methods --logging-steps --lora-alpha --lora-dropout --lora-r --lora-targets --loss --loss-weights --lr --max-length --max-steps --merge-lora --method --model --no-record-ref --no-ref-cache --opt --output --ref-model --resume --reward --save-steps --seed --sft-weight --simpo-gamma --trust-remote-code --warmup-ratio -m -o ;;
     "train-rm") compadd -- --adapt-users --batch-size --center-rewards --curriculum --dtype --em-iters --epochs --eval-pairs --eval-split --force --grad-accum --gradient-checkpointing --head-lr --k --logging-steps --lora-alpha --lora-dropout --lora-r --lora-targets --lr --max-length --max-steps --merge-lora --method --model --no-curriculum --noise-rate --output --pal-dim --resume --save-steps --seed --user-lr --warmup-ratio -m -o ;;
     *) _files ;;

@@ -454,3 +454,21 @@ def test_bt_smollm2_lora_gets_a_score_head(cli, smollm2, tmp_path):
                                              ["Write a title about it, good, Use bullet points.",
                                               "Write a title about it, bad, Use bullet points."])
     assert good > bad
+
+
+def test_score_rm_scorer_reads_pal_and_maxmin_folders(cli, group_models, tmp_path):
+    """`score --scorer rm:DIR` on pal/maxmin folders: the record's meta.user picks the
+    user's reward, matching the loader."""
+    from alignkit.reward_models import load_reward_model
+    prompt, good = "Tell me about art.", "Use bullet points about it, good, Write a title."
+    recs = [{"id": f"r{u}", "prompt": prompt, "meta": {"user": u},
+             "completions": [{"text": good}]} for u in ("u0", "u2")]
+    path = write_jsonl(tmp_path / "s.jsonl", recs)
+    for method in ("pal", "maxmin"):
+        folder = group_models[method]
+        r = cli(["score", "--scorer", f"rm:{folder}", path, "--aggregate", "user"])
+        assert r.code == 0, r
+        got = [rec["completions"][0]["score"] for rec in r.records]
+        want = [load_reward_model(folder, user=u, aggregate="user").score([prompt], [good])[0]
+                for u in ("u0", "u2")]
+        assert got == pytest.approx(want, abs=1e-4)

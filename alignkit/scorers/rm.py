@@ -50,14 +50,43 @@ def rm_rewards(model, tokenizer, texts: Sequence[str], *, batch_size: int = 8,
     return out
 
 
+def _train_rm_method(spec: str) -> str | None:
+    """The `rm_method` a train-rm folder records in its alignkit.json (None otherwise)."""
+    import json
+    from pathlib import Path
+    manifest = Path(spec) / "alignkit.json"
+    if not manifest.is_file():
+        return None
+    try:
+        return json.loads(manifest.read_text()).get("rm_method")
+    except (OSError, ValueError):
+        return None
+
+
 class RewardModelScorer(Scorer):
+    """Also scores the multi-model folders of `train-rm` (`pal`: per-user mixture weights,
+    `maxmin`: K models with `aggregate` min|mean|user): the user comes from the record's
+    `meta.user`, else the `user` option (`score --user`)."""
     kind = "rm"
 
     def __init__(self, name, arg, options):
         super().__init__(name, arg, options)
-        self.model, self.tokenizer = load_model(options, need_arg(self.kind, arg, "dir"), "seq_cls")
+        spec = need_arg(self.kind, arg, "dir")
+        self.mixture = None
+        if _train_rm_method(spec) in ("pal", "maxmin"):
+            from ..reward_models import load_reward_model  # loading only, no training code
+            self.mixture = load_reward_model(
+                spec, user=options.get("user"), aggregate=options.get("aggregate") or "mean",
+                dtype=options.get("dtype") or "auto", device=options.get("device"),
+                max_length=options.get("max_length") or 1024)
+            return
+        self.model, self.tokenizer = load_model(options, spec, "seq_cls")
 
     def rewards(self, items: Sequence[Item]) -> list[float]:
+        if self.mixture is not None:
+            users = [(it.meta or {}).get("user") or self.options.get("user") for it in items]
+            return list(self.mixture.score([it.prompt for it in items],
+                                           [it.completion for it in items], users=users))
         texts = [rm_inputs(self.tokenizer, it.prompt, it.completion) for it in items]
         return rm_rewards(self.model, self.tokenizer, texts,
                           batch_size=self.options.get("batch_size") or 8,
