@@ -9,7 +9,7 @@ TORCH  ?= torch==2.13.0
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.alignkit-installed
 
-.PHONY: install test test-slow demo demo-tiny completions bench clean
+.PHONY: install test test-slow demo demo-tiny completions docs bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -30,6 +30,9 @@ test-slow: $(STAMP)
 
 completions: $(STAMP)
 	$(BIN)/python -m alignkit.completions completions
+
+docs: $(STAMP)
+	$(BIN)/python -m alignkit.docs docs/cli.md
 
 demo: $(STAMP)
 	$(MAKE) -C examples demo ALIGNKIT=$(abspath $(BIN))/alignkit

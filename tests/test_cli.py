@@ -116,3 +116,10 @@ def test_every_subpackage_is_packaged():
              if p.is_dir() and (p / "__init__.py").exists()}
     assert found <= listed, f"add to pyproject packages: {found - listed}"
     assert "alignkit.commands" in listed
+
+
+def test_cli_reference_is_current():
+    """docs/cli.md is generated from --help: it must match the real CLI."""
+    from alignkit.docs import render
+    committed = (ROOT / "docs" / "cli.md").read_text()
+    assert committed == render(), "docs/cli.md is stale: run `make docs`"
