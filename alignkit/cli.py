@@ -108,6 +108,10 @@ def _env_setup() -> None:
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("DISABLE_TQDM", "1")
+    import warnings
+    # Library deprecation chatter (transformers 5 / peft / trl) is not for our users.
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|peft|trl)\.")
 
 
 def main(argv: list[str] | None = None) -> int:

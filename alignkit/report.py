@@ -19,6 +19,15 @@ def _plt():
     return plt
 
 
+def _save(fig, path: Path) -> bool:
+    """Finish a figure: layout, write the PNG, free it."""
+    import matplotlib.pyplot as plt
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
 def _bar_scores(metrics: dict, path: Path) -> bool:
     plt = _plt()
     labels, means, errs = [], [], [[], []]
@@ -36,10 +45,7 @@ def _bar_scores(metrics: dict, path: Path) -> bool:
     ax.bar(labels, means, yerr=errs, capsize=6, color=["#4c72b0", "#dd8452", "#55a868", "#c44e52"][:len(labels)])
     ax.set_ylabel("prompt-level accuracy" if metrics["models"][labels[0]].get("rules") else "mean score")
     ax.set_title("Score with 95% bootstrap interval")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+    return _save(fig, path)
 
 
 def _bar_checks(metrics: dict, path: Path) -> bool:
@@ -58,10 +64,7 @@ def _bar_checks(metrics: dict, path: Path) -> bool:
     ax.set_ylabel("pass rate")
     ax.legend()
     ax.set_title("Pass rate per check type")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+    return _save(fig, path)
 
 
 def _reward_vs_kl(metrics: dict, path: Path) -> bool:
@@ -78,10 +81,7 @@ def _reward_vs_kl(metrics: dict, path: Path) -> bool:
     ax.set_xlabel("KL(model || baseline), k3, nats")
     ax.set_ylabel("mean score")
     ax.set_title("Reward vs KL")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+    return _save(fig, path)
 
 
 def _bon(metrics: dict, path: Path) -> bool:
@@ -96,10 +96,7 @@ def _bon(metrics: dict, path: Path) -> bool:
     ax.set_ylabel("expected best score")
     ax.set_title("Best-of-N")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+    return _save(fig, path)
 
 
 def _training_curves(metrics_files: list[str], path: Path) -> bool:
@@ -120,10 +117,7 @@ def _training_curves(metrics_files: list[str], path: Path) -> bool:
         ax.set_title(key)
         ax.set_xlabel("step")
     axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+    return _save(fig, path)
 
 
 def _fmt(ci: dict | None, pct: bool = False) -> str:
