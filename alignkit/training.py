@@ -248,8 +248,9 @@ def save_output(model, tokenizer, out: str | Path, work: Path, *, force: bool,
         model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        if (work / "metrics.jsonl").exists():
-            shutil.copy2(work / "metrics.jsonl", tmp / "metrics.jsonl")
+        for log in ("metrics.jsonl", "samples.jsonl"):  # samples: online methods
+            if (work / log).exists():
+                shutil.copy2(work / log, tmp / log)
         data = manifest(inputs=inputs, seed=seed, started=started, **(info or {}))
         (tmp / "alignkit.json").write_text(json.dumps(data, indent=2, default=str) + "\n")
     shutil.rmtree(work, ignore_errors=True)
