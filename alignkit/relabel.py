@@ -33,7 +33,8 @@ Pair strategies (samples in, pairs out; completions compared by `score`):
 A pair has `id` = `{samples_id}-{chosen_index}-{rejected_index}` (reward-augmented adds
 `-a` / `-b`), `prompt`, `chosen`, `rejected`, `score_chosen`, `score_rejected`, `margin`,
 `scores_chosen` / `scores_rejected` (the per-scorer dicts, when present),
-`ref_logp_chosen` / `ref_logp_rejected` (the completions' `logp`, when both have one),
+`ref_logp_chosen` / `ref_logp_rejected` (the completions' `logp`, when both have one
+and both samples finished: a cut sample's `logp` lacks the eos term the trainers add),
 `meta`, and the samples record's other keys (e.g. `gen`). Ties (margin 0) are always
 dropped; `min_margin` drops pairs with a smaller margin.
 
@@ -102,6 +103,13 @@ class RelabelOptions:
 
 def _is_num(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _ref_usable(c: dict) -> bool:
+    """A completion's `logp` can stand in for the trainers' reference log-prob only when
+    the sample ended on its own: a sample cut by max_new_tokens has no eos term in its
+    `logp`, while the trainers score completions followed by eos."""
+    return _is_num(c.get("logp")) and c.get("finished", True) is not False
 
 
 def format_goal(g: float) -> str:
@@ -229,7 +237,7 @@ class Strategy:
                 "score_chosen": c["score"], "score_rejected": r["score"], "margin": margin}
         if isinstance(c.get("scores"), dict) and isinstance(r.get("scores"), dict):
             pair["scores_chosen"], pair["scores_rejected"] = c["scores"], r["scores"]
-        if _is_num(c.get("logp")) and _is_num(r.get("logp")):
+        if _ref_usable(c) and _ref_usable(r):
             pair["ref_logp_chosen"], pair["ref_logp_rejected"] = c["logp"], r["logp"]
         for k, v in rec.items():
             if k not in ("id", "prompt", "completions"):
@@ -400,7 +408,7 @@ class Unpaired(Strategy):
         for i, c in self.scored(rec, where):
             u = {"id": f"{rec['id']}-{i}", "prompt": rec["prompt"], "completion": c["text"],
                  "label": None, "score": c["score"]}
-            if _is_num(c.get("logp")):
+            if _ref_usable(c):
                 u["ref_logp"] = c["logp"]
             if "meta" in rec:
                 u["meta"] = rec["meta"]

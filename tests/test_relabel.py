@@ -363,3 +363,20 @@ def test_full_pipeline_models_gen_pairs_score_relabel(cli, tmp_path):
     for pair in r.records:
         assert pair["score_chosen"] > pair["score_rejected"]
         assert pair["id"].split("-")[0] in ("p1", "p2")
+
+
+def test_ref_logp_copied_only_from_finished_samples(cli, tmp_path):
+    """A sample cut by max_new_tokens has no eos term in its logp: not a reference value."""
+    rec = {"id": "s", "prompt": "p", "completions": [
+        {"text": "good", "score": 1.0, "logp": -3.0, "finished": True},
+        {"text": "bad", "score": 0.0, "logp": -5.0, "finished": True},
+        {"text": "cut", "score": 0.5, "logp": -9.0, "finished": False}]}
+    path = tmp_path / "s.jsonl"
+    path.write_text(json.dumps(rec) + "\n")
+    r = cli(["relabel", "--strategy", "all-pairs", path])
+    assert r.code == 0, r
+    by = {(p["chosen"], p["rejected"]): p for p in r.records}
+    assert by[("good", "bad")]["ref_logp_chosen"] == -3.0
+    assert by[("good", "bad")]["ref_logp_rejected"] == -5.0
+    assert "ref_logp_chosen" not in by[("good", "cut")]
+    assert "ref_logp_rejected" not in by[("cut", "bad")]
