@@ -90,7 +90,8 @@ def worker_baseline(model_spec: str, dtype: str, cfg: dict) -> dict:
 
 def worker_alignkit(model_spec: str, dtype: str, cfg: dict) -> dict:
     """`alignkit gen-pairs` in-process; the sampling phase is timed by the pipeline."""
-    from alignkit.generation import GenPairsOptions, SampleParams, run_gen_pairs
+    from alignkit.gen_pairs import GenPairsOptions, run_gen_pairs
+    from alignkit.generation import SampleParams
     from alignkit.models import model_sha256
     _threads(cfg)
     model_sha256(model_spec)  # hashing the weights is not sampling: do it before timing

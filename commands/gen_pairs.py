@@ -61,7 +61,8 @@ def gen_pairs(
 
     Example:  alignkit gen-pairs prompts.jsonl -m smollm2-135m-instruct -n 4 -o s.jsonl
     """
-    from alignkit.generation import GenPairsOptions, SampleParams, run_gen_pairs
+    from alignkit.gen_pairs import GenPairsOptions, run_gen_pairs
+    from alignkit.generation import SampleParams
     from alignkit.io import parse_shard
 
     pairing = bool(pair_with_reference or contrast_prompt)

@@ -8,9 +8,9 @@ import math
 
 import pytest
 
-from alignkit.generation import (GenPairsOptions, SampleParams, _pick, completion_logps, encode_pair,
-                                 encode_prompt, remove_context, render_prompt, sample, token_logps,
-                                 vllm_available)
+from alignkit.gen_pairs import GenPairsOptions, remove_context
+from alignkit.generation import (SampleParams, _pick, completion_logps, encode_pair, encode_prompt,
+                                 render_prompt, sample, token_logps, vllm_available)
 from alignkit.records import derive_id, validate
 from conftest import write_jsonl
 
