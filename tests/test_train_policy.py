@@ -80,6 +80,16 @@ def unpaired_records(n=12):
             for i in range(n)]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """On the shared 2-core machine a second intra-op thread mostly spin-waits."""
+    import torch
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     d = tmp_path_factory.mktemp("policydata")
@@ -390,3 +400,71 @@ def test_accelerate_launch_two_cpu_processes(tiny_model, tmp_path):
     assert rows[0]["num_tokens"] > 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ddp", "home", "pairs.jsonl"]
     assert p.stderr.count("wrote ") == 1  # one process writes the one folder
+
+
+def test_chunk_plan_groups_short_rows_apart():
+    from alignkit.policy.offline import chunk_plan
+    assert chunk_plan([162, 140, 140, 105, 49, 44, 46, 50]) == [[5, 6, 4, 7], [3, 1, 2, 0]]
+    assert chunk_plan([60, 64, 58, 61]) == [[2, 0, 3, 1]]  # nothing to gain: one call
+    assert chunk_plan([7]) == [[0]]
+
+
+def test_length_chunked_forward_matches_one_call(tiny_model):
+    """Same per-token outputs and gradients as one padded call (fp32), rows in order."""
+    import torch
+    from trl.trainer.utils import add_fused_lm_head
+
+    from alignkit.models import load_causal_lm
+    from alignkit.policy.offline import LengthChunked
+    model, _ = load_causal_lm(tiny_model)
+    add_fused_lm_head(model, outputs=("log_probs", "entropy"))
+    lengths = [70, 12, 66, 9]
+    torch.manual_seed(0)
+    ids = torch.randint(3, 500, (4, 70))
+    mask = torch.zeros(4, 70, dtype=torch.long)
+    for i, n in enumerate(lengths):
+        mask[i, :n] = 1
+    ids = ids.masked_fill(mask == 0, 0)
+    labels = ids.masked_fill(mask == 0, -100)
+    labels[:, :4] = -100
+    outs, grads = [], []
+    for fwd in (model, LengthChunked(model)):
+        model.zero_grad()
+        out = fwd(input_ids=ids, attention_mask=mask, labels=labels, fused_lm_head=True, use_cache=False)
+        (out.log_probs.sum(dim=1) * torch.tensor([1.0, -2.0, 0.5, 3.0])).sum().backward()
+        outs.append(out)
+        grads.append(model.model.layers[0].self_attn.q_proj.weight.grad.clone())
+    assert outs[1].log_probs.shape == outs[0].log_probs.shape == (4, 69)
+    assert torch.allclose(outs[0].log_probs, outs[1].log_probs, atol=1e-5)
+    assert torch.equal(outs[0].log_probs == 0, outs[1].log_probs == 0)
+    assert torch.allclose(outs[0].entropy, outs[1].entropy, atol=1e-5)
+    assert torch.allclose(grads[0], grads[1], atol=1e-5)
+
+
+@pytest.mark.slow
+def test_smollm2_dpo_lora_bf16_demo_path(cli, tmp_path):
+    """The demo's path: SmolLM2, LoRA r=16, bfloat16. Step 1 is exactly ln 2 (the
+    reference pass used the training batches), the rerun reads the cache and gives the
+    same adapter, and the adapter loads in peft."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from alignkit.models import pull
+    home = os.environ.get("ALIGNKIT_TEST_REAL_HOME") or Path.home() / ".cache" / "alignkit"
+    folder = Path(home) / "models" / "smollm2-135m-instruct"
+    smollm2 = folder if (folder / "config.json").exists() else pull("smollm2-135m-instruct")
+    data = write_jsonl(tmp_path / "pairs.jsonl", pair_records(8, prefix="s"))
+    args = ["train-policy", "--method", "dpo", "--model", smollm2, data, "--lora-r", "16",
+            "--dtype", "bfloat16", "--max-steps", "2", "--batch-size", "4", "--max-length", "128"]
+    assert cli([*args, "-o", tmp_path / "a"]).code == 0
+    assert cli([*args, "-o", tmp_path / "b"]).code == 0
+    first = metrics(tmp_path / "a")[0]
+    assert abs(first["loss"] - math.log(2)) < 1e-6 and first["rewards/margins"] == 0.0
+    assert info(tmp_path / "a")["reference"]["computed"] == 8
+    assert info(tmp_path / "b")["reference"]["from_cache"] == 8
+    a = tensors(tmp_path / "a" / "adapter_model.safetensors")
+    b = tensors(tmp_path / "b" / "adapter_model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(smollm2), tmp_path / "a")
+    assert model.peft_config["default"].r == 16

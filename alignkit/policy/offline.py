@@ -100,6 +100,75 @@ class GroupCollator(DataCollatorMixin):
         return out
 
 
+# --- length-chunked forward -----------------------------------------------------------------
+
+_PER_TOKEN = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1", "label_mask")
+
+
+def chunk_plan(lengths: list[int], call_cost: int = 16) -> list[list[int]]:
+    """Rows of a right-padded batch in one or two groups by length, whichever pads fewer
+    tokens (counting `call_cost` tokens per extra forward): sorted by length, the short
+    rows are run apart from the long ones when that saves work."""
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    ls = [lengths[i] for i in order]
+    n, longest = len(ls), ls[-1]
+    best_cost, best = n * longest, n
+    for cut in range(1, n):
+        cost = cut * ls[cut - 1] + (n - cut) * longest + call_cost
+        if cost < best_cost:
+            best_cost, best = cost, cut
+    return [order] if best == n else [order[:best], order[best:]]
+
+
+class LengthChunked:
+    """A fused-LM-head model called on a right-padded batch in length groups, each cut
+    to its own longest row (`chunk_plan`); the per-token outputs are put back in row
+    order and padded with zeros, as the fused head leaves unlabelled positions. On a CPU
+    the cost follows the tokens, and DPO batches pad the short side of every pair to the
+    longest completion of the batch. Used for the training forward and the reference
+    pass alike, so both see the same shapes (bfloat16 results depend on them). Anything
+    unusual (no fused head, extra tensor inputs, virtual tokens) takes one plain call."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def __call__(self, input_ids=None, attention_mask=None, labels=None, **kw):
+        plain = dict(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kw)
+        if (not kw.get("fused_lm_head") or input_ids is None or attention_mask is None
+                or labels is None or kw.get("output_router_logits")
+                or any(torch.is_tensor(v) for v in kw.values())):
+            return self.model(**plain)
+        lengths = attention_mask.sum(dim=1).tolist()
+        plan = chunk_plan(lengths)
+        if len(plan) == 1:
+            return self.model(**plain)
+        n, t = input_ids.shape
+        parts = []
+        for rows in plan:
+            # widths in steps of 32 tokens: fewer distinct shapes, fewer cached kernels
+            width = min(t, -(-max(lengths[i] for i in rows) // 32) * 32)
+            idx = torch.tensor(rows, device=input_ids.device)
+            out = self.model(input_ids=input_ids[idx, :width], attention_mask=attention_mask[idx, :width],
+                             labels=labels[idx, :width], **kw)
+            if out.log_probs.size(1) != width - 1:  # e.g. prompt-learning virtual tokens
+                return self.model(**plain)
+            parts.append(out)
+        inverse = torch.empty(n, dtype=torch.long, device=input_ids.device)
+        inverse[torch.tensor([i for rows in plan for i in rows], device=input_ids.device)] = \
+            torch.arange(n, device=input_ids.device)
+        fields = {}
+        for name in _PER_TOKEN:
+            values = [getattr(o, name) for o in parts]
+            if any(v is None for v in values):
+                fields[name] = None
+                continue
+            padded = [torch.cat([v, v.new_zeros(v.size(0), t - 1 - v.size(1))], dim=1) for v in values]
+            fields[name] = torch.cat(padded, dim=0)[inverse]
+        mask = fields["label_mask"] if fields.get("label_mask") is not None else labels[:, 1:] != -100
+        fields["loss"] = -fields["log_probs"].sum() / mask.sum().clamp(min=1)
+        return type(parts[0])(**fields)
+
+
 # --- the trainer ----------------------------------------------------------------------------
 
 def _set_epoch(dataloader, epoch: int) -> None:
@@ -144,6 +213,11 @@ class AlignkitDPOTrainer(DPOTrainer):
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
         return dataset  # already tokenized by alignkit.policy.data
+
+    def _forward(self, model):
+        """The model as the loss and the reference pass call it: length-chunked in a
+        single process (DDP allows one forward per backward)."""
+        return LengthChunked(model) if self.accelerator.num_processes == 1 else model
 
     # reference log-probs ------------------------------------------------------------------
     def _precompute_ref_logps(self, dataset, name, batch_size):
@@ -239,7 +313,7 @@ class AlignkitDPOTrainer(DPOTrainer):
                     bar.advance()
                     continue
                 inputs = {k: batch[k] for k in MODEL_KEYS}
-                c, r = self.compute_ref_log_probs(model, inputs)
+                c, r = self.compute_ref_log_probs(self._forward(model), inputs)
                 STATS["ref_batches"] += 1
                 index, c, r = self.accelerator.gather_for_metrics((index, c, r))
                 for i, cv, rv in zip(index.tolist(), c.float().tolist(), r.float().tolist()):
@@ -252,8 +326,8 @@ class AlignkitDPOTrainer(DPOTrainer):
         extras = {k: inputs.pop(k) for k in ("index", *self.extra_keys, *GROUP_KEYS)
                   if k in inputs}
         if self.loss_hook is None:
-            return super()._compute_loss(model, inputs, return_outputs)
-        loss = self.loss_hook(self, model, inputs, extras)
+            return super()._compute_loss(self._forward(model), inputs, return_outputs)
+        loss = self.loss_hook(self, self._forward(model), inputs, extras)
         return (loss, None) if return_outputs else loss
 
     def policy_logps(self, model, inputs):
@@ -527,9 +601,7 @@ def _record_ref_rule(o: dict, ref_sha: str):
 @quiet
 def train_pairs(method: Method, model_spec: str, data: Data, out, opts: TrainOptions, **o) -> Path:
     """dpo (TRL losses, or cDPO), sppo, copg: pairs through AlignkitDPOTrainer."""
-    from datasets import Dataset
-
-    from ..models import load_tokenizer, model_sha256
+    from ..models import model_sha256
     _check_offline(method, o)
     started = time.time()
     beta = _beta(method, o)
@@ -538,19 +610,19 @@ def train_pairs(method: Method, model_spec: str, data: Data, out, opts: TrainOpt
     _config_overrides(DPOConfig, o)
     extras = tuple(dict.fromkeys(_EXTRAS[n] for n, _ in specs if n in _EXTRAS))
 
-    tok = load_tokenizer(model_spec, o.get("trust_remote_code", False))
-    tk = Tokenization(tok, opts.max_length)
     ref_spec = o.get("ref_model") or model_spec
     ref_sha = model_identity(ref_spec)
-    built = pair_rows(data, tk, extras=extras, method=method.name,
-                      record_ref=_record_ref_rule(o, model_sha256(ref_spec)))
+    rule = _record_ref_rule(o, model_sha256(ref_spec))
+    dataset, built, fingerprint, counts = _tokenized(
+        model_spec, data, opts, o,
+        lambda tk: pair_rows(data, tk, extras=extras, method=method.name, record_ref=rule))
     work = prepare_run(out, opts)
     model, tok = _load_policy(model_spec, opts, o)
     ref_model = None
     if o.get("ref_model"):  # freed once the reference log-probs are filled
         ref_model, _ = _load_policy_ref(o["ref_model"], opts, o)
     _, bf16 = _resolve_dtypes(opts)
-    cache = RefCache(ref_sha, data.sha256, tk.fingerprint(), "bf16" if bf16 else "fp32",
+    cache = RefCache(ref_sha, data.sha256, fingerprint, "bf16" if bf16 else "fp32",
                      enabled=o.get("ref_cache", True))
     trl_names = [n for n, _ in specs] if not custom else ["sigmoid"]
     cfg = _config(DPOConfig, opts, work, o, beta=beta, loss_type=trl_names,
@@ -560,8 +632,7 @@ def train_pairs(method: Method, model_spec: str, data: Data, out, opts: TrainOpt
     collator = PairCollator(pad_token_id=tok.pad_token_id, extra_keys=built.extras)
     trainer = AlignkitDPOTrainer(
         model=model, ref_model=ref_model, args=cfg, data_collator=collator,
-        train_dataset=Dataset.from_list(built.rows), processing_class=tok,
-        peft_config=lora_config(opts), ref_cache=cache,
+        train_dataset=dataset, processing_class=tok, peft_config=lora_config(opts), ref_cache=cache,
         loss_hook=pair_hook(specs, beta, ls) if custom else None, extra_keys=built.extras)
     del ref_model
     reference = {"spec": str(ref_spec), "sha256": ref_sha,
@@ -570,10 +641,27 @@ def train_pairs(method: Method, model_spec: str, data: Data, out, opts: TrainOpt
                  **trainer.ref_report}
     hp = _hparams(method, opts, o, loss=[n for n, _ in specs], loss_weights=[w for _, w in specs],
                   label_smoothing=ls)
-    counts = {"records": len(data.records), "rows": len(built.rows), "dropped": built.dropped,
-              "cut": built.cut}
     return _finish(trainer, method, model_spec, data, out, work, opts, tok, started, hp,
                    reference, counts)
+
+
+def _tokenized(model_spec: str, data: Data, opts: TrainOptions, o: dict, build):
+    """Tokenize the records before any model is loaded: (datasets.Dataset, Built without
+    its row list, tokenization fingerprint, counts for the manifest). The tokenizer and the
+    row list are dropped here, so they do not add to the training's peak memory."""
+    from datasets import Dataset
+
+    from ..models import load_tokenizer
+    tk = Tokenization(load_tokenizer(model_spec, o.get("trust_remote_code", False)), opts.max_length)
+    built = build(tk)
+    dataset = Dataset.from_list(built.rows)
+    counts = {"records": len(data.records), "rows": len(built.rows), "dropped": built.dropped,
+              "cut": built.cut}
+    built.rows = []
+    fingerprint = tk.fingerprint()
+    del tk
+    gc.collect()
+    return dataset, built, fingerprint, counts
 
 
 def _load_policy_ref(ref_spec: str, opts: TrainOptions, o: dict):
@@ -588,9 +676,6 @@ def _load_policy_ref(ref_spec: str, opts: TrainOptions, o: dict):
 @quiet
 def train_groups(method: Method, model_spec: str, data: Data, out, opts: TrainOptions, **o) -> Path:
     """pro (ranking records) and grao (scored samples with a reference answer)."""
-    from datasets import Dataset
-
-    from ..models import load_tokenizer
     _check_offline(method, o)
     started = time.time()
     if method.name == "pro":
@@ -604,19 +689,17 @@ def train_groups(method: Method, model_spec: str, data: Data, out, opts: TrainOp
         lam = float(o["grao_lambda"]) if o.get("grao_lambda") is not None else 0.6
         sft_weight, extra = 0.0, {"grao_lambda": lam}
     _config_overrides(DPOConfig, o)
-    tok = load_tokenizer(model_spec, o.get("trust_remote_code", False))
-    tk = Tokenization(tok, opts.max_length)
-    built = group_rows(data, tk, method=method.name, with_reference=method.name == "grao")
+    dataset, _, _, counts = _tokenized(
+        model_spec, data, opts, o,
+        lambda tk: group_rows(data, tk, method=method.name, with_reference=method.name == "grao"))
     work = prepare_run(out, opts)
     model, tok = _load_policy(model_spec, opts, o)
     cfg = _config(DPOConfig, opts, work, o, beta=max(beta, 1e-9), max_length=opts.max_length,
                   precompute_ref_log_probs=True)
     trainer = AlignkitDPOTrainer(
         model=model, args=cfg, data_collator=GroupCollator(pad_token_id=tok.pad_token_id),
-        train_dataset=Dataset.from_list(built.rows), processing_class=tok,
-        peft_config=lora_config(opts), loss_hook=group_hook(method.name, beta, sft_weight, lam))
-    counts = {"records": len(data.records), "rows": len(built.rows), "dropped": built.dropped,
-              "cut": built.cut}
+        train_dataset=dataset, processing_class=tok, peft_config=lora_config(opts),
+        loss_hook=group_hook(method.name, beta, sft_weight, lam))
     return _finish(trainer, method, model_spec, data, out, work, opts, tok, started,
                    _hparams(method, opts, o, **extra), None, counts)
 
