@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
 import subprocess
 import sys
@@ -223,18 +222,8 @@ def bench_one(model: str, n_pairs: int, max_length: int, lora_r: int, batch_size
 
 
 def _machine() -> dict:
-    import torch
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__,
-            "load_avg_1min_at_start": load}
+    from _common import machine
+    return {**machine(), "load_avg_1min_at_start": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
 
 
 def main(argv: list[str] | None = None) -> int:

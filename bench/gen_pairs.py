@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -132,17 +131,10 @@ def _ratio(a: dict, b: dict) -> dict:
 
 
 def _machine() -> dict:
-    import torch
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__,
-            "torch_default_threads": torch.get_num_threads()}
+    import torch  # noqa: F401
+
+    from _common import machine
+    return {**machine(), "torch_default_threads": torch.get_num_threads()}
 
 
 def main() -> None:

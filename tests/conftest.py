@@ -34,6 +34,17 @@ def alignkit_home(tmp_path_factory):
         os.environ["ALIGNKIT_HOME"] = old
 
 
+@pytest.fixture(scope="session", autouse=True)
+def one_torch_thread():
+    """One intra-op thread for the whole run, even when OMP_NUM_THREADS was preset:
+    on a shared 2-core machine torch's second thread mostly spin-waits."""
+    import torch
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     """A tiny random Llama folder (seed 0), built once per session."""

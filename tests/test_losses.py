@@ -154,15 +154,6 @@ def test_grao_equal_rewards_give_zero_loss():
 
 # --- a few steps on the tiny Llama lower each custom loss ----------------------------------
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """On the shared 2-core machine a second intra-op thread mostly spin-waits."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _pairs(n=8):
     return [{"id": f"p{i}", "prompt": f"Explain the sky {i}" if i % 2 else
              [{"role": "user", "content": f"Give tips {i}"}],

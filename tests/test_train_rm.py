@@ -38,17 +38,6 @@ def run(args) -> int:
     return cli_mod.main([str(a) for a in args])
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """On a shared 2-core machine, torch's second intra-op thread makes tiny-model steps
-    ~20x slower (spin-waiting); these tests use one."""
-    import torch
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _new_user_pairs():
     """8 pairs each for the new users u6 (group 0) and u7 (group 1), plus 2 of u0."""
     recs = marker_pairs(64, seed=4, user_groups=[0, 0, 1, 1, 0, 1, 0, 1], id_prefix="n")
