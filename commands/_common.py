@@ -100,7 +100,8 @@ def train_command(default_lr: float = 5e-6):
 
         @functools.wraps(fn)
         def wrapper(**kwargs):
-            from alignkit.training import TrainOptions
+            from alignkit.training import TrainOptions, tune_allocator
+            tune_allocator()  # before the model loads: a lower peak resident memory
             fields = {n for n, _ in _train_params()}
             opt_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in fields and k not in names}
             if opt_kwargs.get("lr") is None:
