@@ -58,6 +58,8 @@ class PairRecord(TypedDict):
     margin: NotRequired[float]
     ref_logp_chosen: NotRequired[float]
     ref_logp_rejected: NotRequired[float]
+    finished_chosen: NotRequired[bool]    # false: a sample cut by max_new_tokens (no eos)
+    finished_rejected: NotRequired[bool]
     p_win: NotRequired[Any]
     meta: NotRequired[dict[str, Any]]
 
@@ -67,6 +69,7 @@ class UnpairedRecord(TypedDict):
     prompt: Text
     completion: Text
     label: bool
+    finished: NotRequired[bool]  # false: a sample cut by max_new_tokens (no eos)
 
 
 # --- JSON Schemas -------------------------------------------------------------------
@@ -121,6 +124,7 @@ SCHEMAS: dict[str, dict] = {
             "id": _ID, "prompt": _TEXT, "chosen": _TEXT, "rejected": _TEXT,
             "score_chosen": _NUM, "score_rejected": _NUM, "margin": _NUM,
             "ref_logp_chosen": _NUM, "ref_logp_rejected": _NUM,
+            "finished_chosen": {"type": "boolean"}, "finished_rejected": {"type": "boolean"},
             "p_win": {"oneOf": [_NUM, {"type": "object", "additionalProperties": _NUM}]},
             "meta": _META,
         },
@@ -130,7 +134,7 @@ SCHEMAS: dict[str, dict] = {
         "type": "object",
         "required": ["id", "prompt", "completion", "label"],
         "properties": {"id": _ID, "prompt": _TEXT, "completion": _TEXT,
-                       "label": {"type": "boolean"}},
+                       "label": {"type": "boolean"}, "finished": {"type": "boolean"}},
     },
 }
 # A ranking is a samples record whose completions are sorted best first, all scored.

@@ -33,9 +33,10 @@ Pair strategies (samples in, pairs out; completions compared by `score`):
 A pair has `id` = `{samples_id}-{chosen_index}-{rejected_index}` (reward-augmented adds
 `-a` / `-b`), `prompt`, `chosen`, `rejected`, `score_chosen`, `score_rejected`, `margin`,
 `scores_chosen` / `scores_rejected` (the per-scorer dicts, when present),
-`ref_logp_chosen` / `ref_logp_rejected` (the completions' `logp`, when both have one
-and both samples finished: a cut sample's `logp` lacks the eos term the trainers add),
-`meta`, and the samples record's other keys (e.g. `gen`). Ties (margin 0) are always
+`ref_logp_chosen` / `ref_logp_rejected` (the completions' `logp`, when both have one),
+`finished_chosen` / `finished_rejected` (written when either sample was cut by
+max_new_tokens: the trainers then add no eos to the cut side, so that it matches its
+`logp` and does not teach the policy to stop mid-sentence), `meta`, and the samples record's other keys (e.g. `gen`). Ties (margin 0) are always
 dropped; `min_margin` drops pairs with a smaller margin.
 
 Other outputs:
@@ -45,7 +46,8 @@ Other outputs:
 - `unpaired` (KTO): one record per scored completion, `id` `{samples_id}-{index}`,
   `label = score >= threshold`; the threshold is `threshold`, or the `quantile` q of all
   scores (linear interpolation, numpy's default; q = 0.5 when neither is given). Keeps
-  `score`, `meta`, and `ref_logp` from the completion's `logp`.
+  `score`, `meta`, `ref_logp` from the completion's `logp`, and `finished: false` for a
+  cut sample.
 - `filter` (pairs in): noisy-pair filtering. `agree=[spec, ...]`: keep the pairs that
   every scorer ranks strictly chosen > rejected (scores taken from `scores_chosen` /
   `scores_rejected[spec]` when present, else computed and stored there).
@@ -106,10 +108,15 @@ def _is_num(v: Any) -> bool:
 
 
 def _ref_usable(c: dict) -> bool:
-    """A completion's `logp` can stand in for the trainers' reference log-prob only when
-    the sample ended on its own: a sample cut by max_new_tokens has no eos term in its
-    `logp`, while the trainers score completions followed by eos."""
-    return _is_num(c.get("logp")) and c.get("finished", True) is not False
+    """A completion's `logp` stands in for the trainers' reference log-prob. A sample
+    cut by max_new_tokens has no eos term in its `logp`; its `finished: false` travels
+    with it (`finished_chosen`/`finished_rejected`, `finished`) and the trainers then
+    score it without an eos too, so the two agree either way."""
+    return _is_num(c.get("logp"))
+
+
+def _cut(c: dict) -> bool:
+    return c.get("finished", True) is False
 
 
 def format_goal(g: float) -> str:
@@ -239,6 +246,8 @@ class Strategy:
             pair["scores_chosen"], pair["scores_rejected"] = c["scores"], r["scores"]
         if _ref_usable(c) and _ref_usable(r):
             pair["ref_logp_chosen"], pair["ref_logp_rejected"] = c["logp"], r["logp"]
+        if _cut(c) or _cut(r):
+            pair["finished_chosen"], pair["finished_rejected"] = not _cut(c), not _cut(r)
         for k, v in rec.items():
             if k not in ("id", "prompt", "completions"):
                 pair.setdefault(k, v)
@@ -410,6 +419,8 @@ class Unpaired(Strategy):
                  "label": None, "score": c["score"]}
             if _ref_usable(c):
                 u["ref_logp"] = c["logp"]
+            if _cut(c):
+                u["finished"] = False
             if "meta" in rec:
                 u["meta"] = rec["meta"]
             if self.opts.threshold is not None:

@@ -365,8 +365,9 @@ def test_full_pipeline_models_gen_pairs_score_relabel(cli, tmp_path):
         assert pair["id"].split("-")[0] in ("p1", "p2")
 
 
-def test_ref_logp_copied_only_from_finished_samples(cli, tmp_path):
-    """A sample cut by max_new_tokens has no eos term in its logp: not a reference value."""
+def test_ref_logp_and_finished_flags_travel_with_the_samples(cli, tmp_path):
+    """A cut sample's logp has no eos term: it is copied with finished_* false, so that the
+    trainers score it without an eos too; pairs of finished samples carry no flags."""
     rec = {"id": "s", "prompt": "p", "completions": [
         {"text": "good", "score": 1.0, "logp": -3.0, "finished": True},
         {"text": "bad", "score": 0.0, "logp": -5.0, "finished": True},
@@ -378,5 +379,13 @@ def test_ref_logp_copied_only_from_finished_samples(cli, tmp_path):
     by = {(p["chosen"], p["rejected"]): p for p in r.records}
     assert by[("good", "bad")]["ref_logp_chosen"] == -3.0
     assert by[("good", "bad")]["ref_logp_rejected"] == -5.0
-    assert "ref_logp_chosen" not in by[("good", "cut")]
-    assert "ref_logp_rejected" not in by[("cut", "bad")]
+    assert "finished_chosen" not in by[("good", "bad")]
+    assert by[("good", "cut")]["ref_logp_rejected"] == -9.0
+    assert (by[("good", "cut")]["finished_chosen"], by[("good", "cut")]["finished_rejected"]) \
+        == (True, False)
+    assert (by[("cut", "bad")]["finished_chosen"], by[("cut", "bad")]["finished_rejected"]) \
+        == (False, True)
+    r = cli(["relabel", "--strategy", "unpaired", "--threshold", "0.5", path])
+    by = {u["completion"]: u for u in r.records}
+    assert by["cut"]["finished"] is False and by["cut"]["ref_logp"] == -9.0
+    assert "finished" not in by["good"]

@@ -265,6 +265,47 @@ def test_record_ref_logps_are_the_trainers_ref_logps(cli, trained, tiny_model, t
     assert ref["from_records"] == 0 and ref["computed"] == 8 and not ref["record_check"]["ok"]
 
 
+def test_cut_samples_train_without_eos_and_keep_their_record_logps(cli, tiny_model, tmp_path):
+    """A sample cut by max_new_tokens (finished_* false) is scored without an eos, as
+    gen-pairs scored it: its record logp passes the check and is used, and the rows of
+    the cut side do not end with eos."""
+    from alignkit.generation import completion_logps, render_prompt
+    from alignkit.models import load_causal_lm
+    from alignkit.policy.data import Tokenization, load, pair_rows
+    from alignkit.policy.data import completion_text
+    recs = pair_records(8, prefix="cut")
+    model, tok = load_causal_lm(tiny_model)
+    prompts = [render_prompt(tok, r["prompt"]) for r in recs]
+    cut_chosen = [i % 2 == 0 for i in range(8)]
+    c = completion_logps(model, tok, prompts, [completion_text(r["chosen"]) for r in recs],
+                         add_eos=[not x for x in cut_chosen])
+    r_ = completion_logps(model, tok, prompts, [completion_text(r["rejected"]) for r in recs],
+                          add_eos=False)
+    for rec, vc, vr, cut in zip(recs, c, r_, cut_chosen):
+        rec.update(ref_logp_chosen=vc, ref_logp_rejected=vr, finished_chosen=not cut,
+                   finished_rejected=False)
+    path = write_jsonl(tmp_path / "cut.jsonl", recs)
+    rows = pair_rows(load(str(path), "pairs"), Tokenization(tok, 96)).rows
+    eos = tok.eos_token_id
+    assert [row["chosen_ids"][-1] == eos for row in rows] == [not x for x in cut_chosen]
+    assert all(row["rejected_ids"][-1] != eos for row in rows)
+    r = cli(["train-policy", "--method", "dpo", "--model", tiny_model, path, "-o", tmp_path / "m",
+             *FAST, "--no-ref-cache"])
+    assert r.code == 0, r.err
+    ref = info(tmp_path / "m")["reference"]
+    assert ref["record_check"]["ok"] and ref["record_check"]["worst_gap_ratio"] < 0.01
+    assert ref["from_records"] == 8 and ref["computed"] == 0
+    first = metrics(tmp_path / "m")[0]
+    assert first["loss"] == pytest.approx(math.log(2), abs=1e-4)
+    # a finished flag that is not a boolean is an input error naming the field
+    recs[3]["finished_chosen"] = "no"
+    bad = write_jsonl(tmp_path / "bad.jsonl", recs)
+    r = cli(["train-policy", "--method", "dpo", "--model", tiny_model, bad, "-o", tmp_path / "x",
+             *FAST])
+    assert r.code == 3 and "bad.jsonl:4" in r.err and "finished_chosen" in r.err
+    assert not (tmp_path / "x").exists()
+
+
 def test_ref_model_folder_is_the_reference(cli, tiny_model, tiny_model_b, tmp_path):
     data = write_jsonl(tmp_path / "pairs.jsonl", pair_records(8, prefix="f"))
     r = cli(["train-policy", "--method", "dpo", "--model", tiny_model, data, "-o", tmp_path / "a",

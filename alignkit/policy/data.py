@@ -13,16 +13,20 @@ The tokenization contract (the same as gen-pairs' `logp`): the prompt is rendere
 the tokenizer's chat template and `add_generation_prompt=True` (gen-pairs'
 `render_prompt` + `encode_prompt`, so a BOS is added where the tokenizer wants one); the
 completion is its text tokenized without special tokens, followed by the eos token
-(`encode_pair`). A completion's
-log-probability is the sum over those completion tokens (eos included) of
-log π(token | chat-templated prompt, earlier completion tokens). Sequences longer than
-`--max-length` keep their start (the completion is cut; a record whose prompt alone
-fills `--max-length` is dropped with a warning), and a cut completion never reuses a
-record-provided reference log-prob. Tokenizers without a chat template take string
-prompts as plain text. Two cases where a record's `logp` cannot match: a sample cut by
-`max_new_tokens` (gen-pairs adds no eos to its `logp`), and sampled token ids that are
-not the tokenizer's own encoding of the decoded text; pass `--no-record-ref` when in
-doubt.
+(`encode_pair`), except for a sample that gen-pairs cut at `max_new_tokens`
+(`finished_chosen` / `finished_rejected` / `finished` false, or a ranking completion's
+`finished` false): it gets no eos, as in its `logp`, and training does not teach the
+policy to stop where the sampler was cut off. A completion's log-probability is the sum
+over those completion tokens of log π(token | chat-templated prompt, earlier completion
+tokens). Sequences longer than `--max-length` keep their start (the completion is cut; a
+record whose prompt alone fills `--max-length` is dropped with a warning), and a
+completion cut that way never reuses a record-provided reference log-prob. Tokenizers
+without a chat template take string prompts as plain text. A record's `logp` cannot
+match when the sampled token ids are not the tokenizer's own encoding of the decoded
+text (the trainer checks a few records against the reference model and drops them all
+when they disagree); pass `--no-record-ref` when in doubt.
+
+The SFT/KTO/SimPO/ORPO route tokenizes with TRL, which always appends eos.
 """
 from __future__ import annotations
 
@@ -45,7 +49,7 @@ DATA_KINDS = {
     "sft": None,          # prompt+completion, the chosen side of pairs, or unpaired with label true
     "prompts": "prompt",  # online methods
 }
-TOKENIZATION_VERSION = 1
+TOKENIZATION_VERSION = 2
 
 
 @dataclass
@@ -141,10 +145,11 @@ class Tokenization:
             self._prompts[key] = encode_prompt(self.tok, render_prompt(self.tok, prompt))
         return self._prompts[key]
 
-    def completion(self, text: str) -> list[int]:
-        """The completion's ids: its text without special tokens, then eos (gen-pairs'
-        `encode_pair`)."""
-        return list(self.tok(text, add_special_tokens=False)["input_ids"]) + [self.tok.eos_token_id]
+    def completion(self, text: str, finished: bool = True) -> list[int]:
+        """The completion's ids: its text without special tokens, then eos unless the
+        sample was cut (gen-pairs' `encode_pair`)."""
+        ids = list(self.tok(text, add_special_tokens=False)["input_ids"])
+        return ids + [self.tok.eos_token_id] if finished else ids
 
     def fit(self, prompt_ids: list[int], completion_ids: list[int]):
         """(completion ids kept, cut?) under max_length, or None when the prompt alone fills it."""
@@ -170,6 +175,14 @@ class Tokenization:
 def seq_key(prompt_ids: list[int], completion_ids: list[int]) -> str:
     """A content key of one (prompt, completion) token sequence, for the reference cache."""
     return hashlib.sha256(json.dumps([prompt_ids, completion_ids]).encode()).hexdigest()[:32]
+
+
+def _finished(data: Data, i: int, obj: dict, key: str, where: str = "") -> bool:
+    """A completion's finished flag (absent: finished)."""
+    value = obj.get(key, True)
+    if not isinstance(value, bool):
+        raise data.error(i, f"{where}.{key}" if where else key, "expected true or false")
+    return value
 
 
 def _number(data: Data, i: int, value: Any, field: str) -> float:
@@ -245,8 +258,10 @@ def pair_rows(data: Data, tk: Tokenization, *, extras: tuple[str, ...] = (),
     rows, dropped, cut, n_ref = [], 0, 0, 0
     for i, rec in enumerate(data.records):
         p_ids = tk.prompt(rec["prompt"])
-        c = tk.fit(p_ids, tk.completion(_text(data, i, rec["chosen"], "chosen")))
-        r = tk.fit(p_ids, tk.completion(_text(data, i, rec["rejected"], "rejected")))
+        c = tk.fit(p_ids, tk.completion(_text(data, i, rec["chosen"], "chosen"),
+                                        _finished(data, i, rec, "finished_chosen")))
+        r = tk.fit(p_ids, tk.completion(_text(data, i, rec["rejected"], "rejected"),
+                                        _finished(data, i, rec, "finished_rejected")))
         if c is None or r is None:
             dropped += 1
             continue
@@ -300,7 +315,8 @@ def group_rows(data: Data, tk: Tokenization, *, method: str, with_reference: boo
             if "score" not in comp:
                 raise data.error(i, f"{fld}.score", f"missing ({method} needs every completion scored)")
             score = _number(data, i, comp["score"], f"{fld}.score")
-            fit = tk.fit(p_ids, tk.completion(_text(data, i, comp["text"], f"{fld}.text")))
+            fit = tk.fit(p_ids, tk.completion(_text(data, i, comp["text"], f"{fld}.text"),
+                                              _finished(data, i, comp, "finished", fld)))
             if fit is None:
                 break
             cut += int(fit[1])
