@@ -249,11 +249,18 @@ def _completion_entry(s: dict, prompt: Text, extra_keys=("logp_ref", "logp_mix")
 
 
 def _pair_records(rec: dict, chosen: list, rejected: list, lp_c: list, lp_r: list,
-                  gen: dict, n: int) -> list[dict]:
+                  gen: dict, n: int, fin_c: list | None = None,
+                  fin_r: list | None = None) -> list[dict]:
+    """n pair records of one prompt; `fin_*` are the sides' finished flags (None: a given
+    answer, finished), written as finished_chosen/finished_rejected when a side was cut."""
     out = []
     for j in range(n):
         r = {**rec, "chosen": chosen[j], "rejected": rejected[j],
              "ref_logp_chosen": lp_c[j], "ref_logp_rejected": lp_r[j], "gen": gen}
+        fc = True if fin_c is None else bool(fin_c[j])
+        fr = True if fin_r is None else bool(fin_r[j])
+        if not (fc and fr):
+            r["finished_chosen"], r["finished_rejected"] = fc, fr
         if n > 1:
             r = {"id": f"{rec['id']}-{j}", "prompt_id": rec["id"],
                  **{k: v for k, v in r.items() if k != "id"}}
@@ -291,6 +298,7 @@ class _Pipeline:
             extra["contrast_field"] = opts.contrast_prompt
         self.gen = _gen_block(opts, spec, self.sha, **extra)
         self.tokens = 0
+        self.retokenized = 0  # samples re-scored on their text's own tokens
         self.has_template = bool(getattr(self.tok, "chat_template", None))
 
     def _render(self, prompt: Text) -> str:
@@ -306,8 +314,43 @@ class _Pipeline:
             res = sample(self.model, self.tok, prompts, o.params, system=o.system, raw=o.raw,
                          ref_model=self.ref, alpha=o.alpha or 0.0, keys=keys, return_ids=True,
                          progress=task)
+            self._retokenize(prompts, res)
         self.tokens += sum(s["n_tokens"] for group in res for s in group)
         return res
+
+    def _retokenize(self, prompts: list, res: list[list[dict]]) -> None:
+        """Make each sample's `logp` the log-prob of its text as trainers tokenize it.
+
+        A sampler can emit a token sequence that is not the tokenizer's own encoding of
+        the decoded text (a word split unusually, a special token that decoding drops);
+        trainers re-tokenize the text, so that sample's `logp` would be off by a few
+        nats and spoil the reference values it stands in for. Those samples (a few per
+        cent on SmolLM2) are re-scored by teacher forcing on the text's own tokens, in
+        one batched pass; `token_ids` follows; a mixture's `logp_mix` is dropped."""
+        fix = []
+        for i, group in enumerate(res):
+            for s in group:
+                ids = s["token_ids"]
+                content = ids[:-1] if s["finished"] and ids else ids
+                own = list(self.tok(s["text"], add_special_tokens=False)["input_ids"])
+                if own != list(content):
+                    fix.append((i, s, own))
+        if not fix:
+            return
+        rendered = [self._render(prompts[i]) for i, _, _ in fix]
+        texts = [s["text"] for _, s, _ in fix]
+        eos = [bool(s["finished"]) for _, s, _ in fix]
+        bs = self.opts.params.batch_size
+        lp = completion_logps(self.model, self.tok, rendered, texts, add_eos=eos, batch_size=bs)
+        lp_ref = (completion_logps(self.ref, self.tok, rendered, texts, add_eos=eos, batch_size=bs)
+                  if self.ref is not None else None)
+        for j, (_, s, own) in enumerate(fix):
+            s["logp"] = lp[j]
+            s["token_ids"] = own + [self.tok.eos_token_id] if s["finished"] else own
+            if lp_ref is not None and "logp_ref" in s:
+                s["logp_ref"] = lp_ref[j]
+            s.pop("logp_mix", None)
+        self.retokenized += len(fix)
 
     def process(self, records: list[dict], task) -> list[dict]:
         mode = self.opts.mode
@@ -337,7 +380,7 @@ class _Pipeline:
             chosen = [_given_completion(ans, rec["prompt"])] * n
             rejected = [_as_completion(s["text"], rec["prompt"]) for s in group]
             out += _pair_records(rec, chosen, rejected, [lp] * n, [s["logp"] for s in group],
-                                 self.gen, n)
+                                 self.gen, n, fin_r=[s["finished"] for s in group])
         return out
 
     def _contrast_pairs(self, records, keys, task) -> list[dict]:
@@ -365,13 +408,16 @@ class _Pipeline:
             p = rec["prompt"]
             rejected = [_as_completion(s["text"], p) for s in neg[i]]
             lp_r = [float(sum(x)) for x in neg_lp[i * n:(i + 1) * n]]
+            fin_c = None
             if i in pos_groups:
                 chosen = [_as_completion(s["text"], p) for s in pos_groups[i]]
                 lp_c = [s["logp"] for s in pos_groups[i]]
+                fin_c = [s["finished"] for s in pos_groups[i]]
             else:
                 chosen = [_given_completion(answers[i], p)] * n
                 lp_c = [given_lp[i]] * n
-            out += _pair_records(rec, chosen, rejected, lp_c, lp_r, self.gen, n)
+            out += _pair_records(rec, chosen, rejected, lp_c, lp_r, self.gen, n, fin_c=fin_c,
+                                 fin_r=[s["finished"] for s in neg[i]])
         return out
 
 
@@ -423,7 +469,8 @@ def run_gen_pairs(input_path: str, output: str, opts: GenPairsOptions,
                         sys.stdout.flush()  # a redirect keeps whole chunks for --resume-from
     tokens = pipe.tokens if pipe else 0
     counts = {"prompts": len(records), "prompts_sampled": len(todo), "records_copied": copied,
-              "records_written": written, "tokens": tokens}
+              "records_written": written, "tokens": tokens,
+              "samples_rescored": pipe.retokenized if pipe else 0}
     inputs = {input_path: in_sha or ""}
     if pipe is not None:
         inputs[f"model:{pipe.spec}"] = pipe.sha

@@ -47,8 +47,11 @@ def gen_pairs(
 ) -> None:
     """Sample N completions per prompt (samples records), or pairs in a pairing mode.
 
-    Each completion has `logp` (summed log-probability of its tokens, EOS
-    included, under the sampling model at temperature 1) and `n_tokens`.
+    Each completion has `logp` (summed log-probability of its text's tokens, EOS
+    included when it finished, under the sampling model at temperature 1),
+    `n_tokens` and `finished` (false: cut at --max-new-tokens). A sample whose
+    token ids are not its text's own tokenization is re-scored on the text's
+    tokens, as trainers will see it.
     String prompts go through the chat template (unless --raw); message
     lists always do. Records keep every key of the prompt record and gain a
     `gen` block (model, model_sha256, sampling settings).

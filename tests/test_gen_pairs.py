@@ -49,6 +49,12 @@ def _teacher_forced(model, prompt_ids, comp_ids, ref=None, alpha=0.0):
     return sum(lsm[start + i - 1, t].item() for i, t in enumerate(comp_ids))
 
 
+def _canonical(tok, s: dict) -> bool:
+    """Whether a sample's text tokenizes back to its sampled ids (eos aside)."""
+    ids = s["token_ids"][:-1] if s["finished"] else s["token_ids"]
+    return tok(s["text"], add_special_tokens=False)["input_ids"] == ids
+
+
 def _gen(cli, tiny_model, src, *extra, out=None):
     args = ["gen-pairs", src, "--model", tiny_model, "--max-new-tokens", "6", *extra]
     if out is not None:
@@ -280,11 +286,41 @@ def test_gen_pairs_stdout_matches_library(cli, tiny_model, lm, tmp_path):
     assert r.code == 0, r
     got = r.records[0]["completions"]
     want = sample(lm[0], lm[1], [PROMPTS[0]["prompt"]], SampleParams(n=2, max_new_tokens=6, seed=9),
-                  system="Be kind.", keys=["a"])[0]
+                  system="Be kind.", keys=["a"], return_ids=True)[0]
     assert [c["text"] for c in got] == [w["text"] for w in want]
-    assert all(abs(c["logp"] - w["logp"]) < 1e-6 for c, w in zip(got, want))
+    for c, w in zip(got, want):
+        if _canonical(lm[1], w):
+            assert abs(c["logp"] - w["logp"]) < 1e-6
     assert r.records[0]["gen"]["system"] == "Be kind."
     assert not list(tmp_path.glob("*.alignkit.json"))  # no manifest for stdout
+
+
+def test_logp_is_the_log_prob_of_the_text_as_trainers_tokenize_it(cli, tiny_model, lm, tmp_path):
+    """A sample whose ids are not its text's own tokenization is re-scored on the text's
+    tokens (what trainers see), so every `logp` equals teacher forcing on the text with
+    eos when finished; the manifest counts the re-scored samples."""
+    model, tok = lm
+    src = write_jsonl(tmp_path / "p.jsonl", PROMPTS)
+    out = tmp_path / "s.jsonl"
+    r = _gen(cli, tiny_model, src, "-n", "4", "--temperature", "1.5", "--seed", "2", out=out)
+    assert r.code == 0, r
+    recs = [json.loads(line) for line in out.read_text().splitlines()]
+    raw = sample(model, tok, [p["prompt"] for p in PROMPTS],
+                 SampleParams(n=4, max_new_tokens=6, seed=2, temperature=1.5), return_ids=True,
+                 keys=[x["id"] for x in recs])
+    odd = sum(not _canonical(tok, s) for g in raw for s in g)
+    assert odd > 0  # a random tiny model emits odd tokenizations: the case under test
+    rendered, texts, eos, got = [], [], [], []
+    for rec in recs:
+        for c in rec["completions"]:
+            rendered.append(render_prompt(tok, rec["prompt"]))
+            texts.append(c["text"])
+            eos.append(c["finished"])
+            got.append(c["logp"])
+    want = completion_logps(model, tok, rendered, texts, add_eos=eos)
+    assert all(abs(a - b) < 1e-4 for a, b in zip(got, want)), list(zip(got, want))
+    man = json.loads((tmp_path / "s.jsonl.alignkit.json").read_text())
+    assert man["counts"]["samples_rescored"] == odd
 
 
 def test_gen_pairs_same_seed_same_output(cli, tiny_model, tmp_path):
@@ -386,11 +422,15 @@ def test_pair_with_reference(cli, tiny_model_b, lm_b, tmp_path):
                      SampleParams(n=1, max_new_tokens=6), keys=["a", "b"])
     rendered = [render_prompt(tok, p["prompt"]) for p in PAIR_PROMPTS]
     given_lp = completion_logps(model_b, tok, rendered, ["yes good", "hello thanks"])
-    for rec, s, lp in zip(recs, samples, given_lp):
+    sample_lp = completion_logps(model_b, tok, rendered, [s[0]["text"] for s in samples],
+                                 add_eos=[s[0]["finished"] for s in samples])
+    for rec, s, lp, slp in zip(recs, samples, given_lp, sample_lp):
         validate(rec, "pair")
         assert rec["gen"]["model"] == str(tiny_model_b) and rec["gen"]["pairing"] == "reference"
         assert abs(rec["ref_logp_chosen"] - lp) < 1e-4
-        assert abs(rec["ref_logp_rejected"] - s[0]["logp"]) < 1e-6
+        assert abs(rec["ref_logp_rejected"] - slp) < 1e-4  # the text's own tokens
+        assert rec.get("finished_rejected", True) == s[0]["finished"]
+        assert rec.get("finished_chosen", True) is True
     assert recs[0]["chosen"] == "yes good" and recs[0]["rejected"] == samples[0][0]["text"]
     assert recs[0]["meta"] == {"chosen": "yes good", "user": "u1"}
     # conversational prompt -> conversational sides (TRL)
@@ -426,12 +466,15 @@ def test_mixture_mode(cli, tiny_model, tiny_model_b, lm, lm_b, tmp_path):
     r = _gen(cli, tiny_model, src, "-n", "2", "--mixture", tiny_model_b, "--alpha", "0.3")
     assert r.code == 0, r
     want = sample(lm[0], lm[1], [p["prompt"] for p in PAIR_PROMPTS], SampleParams(n=2, max_new_tokens=6),
-                  ref_model=lm_b[0], alpha=0.3, keys=["a", "b"])
+                  ref_model=lm_b[0], alpha=0.3, keys=["a", "b"], return_ids=True)
     for rec, group in zip(r.records, want):
         validate(rec, "samples")
         assert rec["gen"]["mixture"] == {"ref": str(tiny_model_b), "ref_sha256": model_sha256(tiny_model_b),
                                          "alpha": 0.3}
         for c, w in zip(rec["completions"], group):
+            if not _canonical(lm[1], w):  # re-scored on the text's own tokens
+                assert set(c) == {"text", "logp", "n_tokens", "finished", "logp_ref"}
+                continue
             assert set(c) == {"text", "logp", "n_tokens", "finished", "logp_ref", "logp_mix"}
             assert abs(c["logp_mix"] - w["logp_mix"]) < 1e-6 and abs(c["logp_ref"] - w["logp_ref"]) < 1e-6
     assert r.records[0]["completions"][0]["text"] == want[0][0]["text"]
@@ -471,17 +514,24 @@ def test_contrast_prompt_mode(cli, tiny_model, lm, tmp_path):
     pos = sample(model, tok, [CONTRAST[0]["prompt"]], p6, keys=["a"])[0][0]
     # record a: both sides sampled; chosen with the full prompt, rejected without the context
     assert a["prompt"] == CONTRAST[0]["prompt"]
-    assert a["chosen"] == pos["text"] and abs(a["ref_logp_chosen"] - pos["logp"]) < 1e-6
+    rendered_a = render_prompt(tok, CONTRAST[0]["prompt"])
+    own = completion_logps(model, tok, [rendered_a] * 2, [pos["text"], neg[0][0]["text"]],
+                           add_eos=[pos["finished"], neg[0][0]["finished"]])
+    assert a["chosen"] == pos["text"] and abs(a["ref_logp_chosen"] - own[0]) < 1e-4
     assert a["rejected"] == neg[0][0]["text"]
     # the negative is scored under the FULL prompt, not the one it was sampled with
-    assert abs(a["ref_logp_rejected"] - _teacher_forced(model, full[0], neg[0][0]["token_ids"])) < 1e-4
+    assert abs(a["ref_logp_rejected"] - own[1]) < 1e-4
     assert abs(a["ref_logp_rejected"] - neg[0][0]["logp"]) > 1e-3
+    if _canonical(tok, neg[0][0]):
+        assert abs(a["ref_logp_rejected"] - _teacher_forced(model, full[0], neg[0][0]["token_ids"])) < 1e-4
     # record b: the given answer is chosen
     assert b["chosen"] == [{"role": "assistant", "content": "rice needs water"}]
     assert b["rejected"] == [{"role": "assistant", "content": neg[1][0]["text"]}]
     want = completion_logps(model, tok, [render_prompt(tok, CONTRAST[1]["prompt"])], ["rice needs water"])[0]
     assert abs(b["ref_logp_chosen"] - want) < 1e-4
-    assert abs(b["ref_logp_rejected"] - _teacher_forced(model, full[1], neg[1][0]["token_ids"])) < 1e-4
+    want = completion_logps(model, tok, [render_prompt(tok, CONTRAST[1]["prompt"])],
+                            [neg[1][0]["text"]], add_eos=neg[1][0]["finished"])[0]
+    assert abs(b["ref_logp_rejected"] - want) < 1e-4
 
 
 @pytest.mark.parametrize("meta, problem", [
