@@ -15,10 +15,8 @@ signal handling, `save_output` writes the folder. The same code runs under
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -187,31 +185,9 @@ def _callbacks(work: Path, total_steps_hint: int | None = None):
 _STOP = {"flag": False}
 
 
-def tune_allocator(threshold: int = 128 * 1024) -> bool:
-    """Give freed memory back to the OS during training (glibc only).
-
-    A training step allocates and frees many large tensors of varying shapes (batches
-    padded to different lengths). glibc's default raises its mmap threshold after each
-    large free, so those tensors end up in the heap, which fragments and is rarely
-    returned: resident memory creeps up over a run. Fixing the trim threshold (which
-    also pins the mmap threshold at its 128 KiB default) keeps the peak lower at no
-    measurable cost in speed (bench/dpo_vs_trl.py). Set ALIGNKIT_MALLOC_TUNING=0 to
-    leave the allocator alone. Returns whether the setting was applied."""
-    if os.environ.get("ALIGNKIT_MALLOC_TUNING", "1") == "0" or not sys.platform.startswith("linux"):
-        return False
-    try:
-        import ctypes
-        libc = ctypes.CDLL("libc.so.6")
-        M_TRIM_THRESHOLD = -1
-        return bool(libc.mallopt(M_TRIM_THRESHOLD, threshold))
-    except (OSError, AttributeError):  # not glibc (musl, ...)
-        return False
-
-
 def run_trainer(trainer, work: Path, resume: bool) -> None:
     """Train with metrics/progress callbacks; on SIGINT/SIGTERM save a checkpoint in
     the work folder and raise KeyboardInterrupt (the CLI exits 130)."""
-    tune_allocator()
     for cb in _callbacks(work):
         trainer.add_callback(cb)
     # Our callback reports progress; drop the default printer/progress callbacks.

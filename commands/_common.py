@@ -100,8 +100,7 @@ def train_command(default_lr: float = 5e-6):
 
         @functools.wraps(fn)
         def wrapper(**kwargs):
-            from alignkit.training import TrainOptions, tune_allocator
-            tune_allocator()  # before the model loads: a lower peak resident memory
+            from alignkit.training import TrainOptions
             fields = {n for n, _ in _train_params()}
             opt_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in fields and k not in names}
             if opt_kwargs.get("lr") is None:

@@ -499,19 +499,3 @@ def test_smollm2_dpo_lora_bf16_demo_path(cli, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(smollm2), tmp_path / "a")
     assert model.peft_config["default"].r == 16
-
-
-def test_tune_allocator_applies_on_glibc_and_can_be_disabled(monkeypatch):
-    import ctypes
-    import sys
-
-    from alignkit.training import tune_allocator
-    monkeypatch.setenv("ALIGNKIT_MALLOC_TUNING", "0")
-    assert tune_allocator() is False
-    monkeypatch.delenv("ALIGNKIT_MALLOC_TUNING")
-    try:
-        ctypes.CDLL("libc.so.6").mallopt
-        glibc = sys.platform.startswith("linux")
-    except (OSError, AttributeError):
-        glibc = False
-    assert tune_allocator() is glibc
