@@ -20,6 +20,7 @@ gen-pairs' `logp`, carry that noise.)
 from __future__ import annotations
 
 import dataclasses
+import os
 import gc
 import math
 import time
@@ -37,7 +38,7 @@ from .. import console
 from ..errors import UsageError
 from ..training import (TrainOptions, final_metrics, lora_config, prepare_run, run_trainer,
                         save_output, trainer_kwargs)
-from . import DPO_LOSSES, Method, losses
+from . import DPO_LOSSES, Method, cpu_head, losses
 from .data import Data, Tokenization, group_rows, pair_rows, seq_key, trl_rows
 from .refcache import STATS, RefCache, model_identity
 
@@ -129,8 +130,18 @@ class LengthChunked:
     pass alike, so both see the same shapes (bfloat16 results depend on them). Anything
     unusual (no fused head, extra tensor inputs, virtual tokens) takes one plain call."""
 
-    def __init__(self, model):
+    def __init__(self, model, outputs: tuple[str, ...] = ("log_probs",) + cpu_head.STATS):
         self.model = model
+        self.outputs = outputs
+        # on CPU, our head (cpu_head) instead of TRL's fused head: same values, a fraction
+        # of the time; ALIGNKIT_CPU_HEAD=0 keeps TRL's
+        self.cpu = os.environ.get("ALIGNKIT_CPU_HEAD", "1") != "0" and cpu_head.supported(model)
+
+    def _model(self, **kw):
+        if self.cpu and set(kw) <= {"input_ids", "attention_mask", "labels", "fused_lm_head", "use_cache"}:
+            return cpu_head.fused_forward(self.model, kw["input_ids"], kw["attention_mask"],
+                                          kw["labels"], self.outputs)
+        return self.model(**kw)
 
     def __call__(self, input_ids=None, attention_mask=None, labels=None, **kw):
         plain = dict(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kw)
@@ -141,17 +152,17 @@ class LengthChunked:
         lengths = attention_mask.sum(dim=1).tolist()
         plan = chunk_plan(lengths)
         if len(plan) == 1:
-            return self.model(**plain)
+            return self._model(**plain)
         n, t = input_ids.shape
         parts = []
         for rows in plan:
             # widths in steps of 32 tokens: fewer distinct shapes, fewer cached kernels
             width = min(t, -(-max(lengths[i] for i in rows) // 32) * 32)
             idx = torch.tensor(rows, device=input_ids.device)
-            out = self.model(input_ids=input_ids[idx, :width], attention_mask=attention_mask[idx, :width],
-                             labels=labels[idx, :width], **kw)
+            out = self._model(input_ids=input_ids[idx, :width], attention_mask=attention_mask[idx, :width],
+                              labels=labels[idx, :width], **kw)
             if out.log_probs.size(1) != width - 1:  # e.g. prompt-learning virtual tokens
-                return self.model(**plain)
+                return self._model(**plain)
             parts.append(out)
         inverse = torch.empty(n, dtype=torch.long, device=input_ids.device)
         inverse[torch.tensor([i for rows in plan for i in rows], device=input_ids.device)] = \
@@ -214,10 +225,17 @@ class AlignkitDPOTrainer(DPOTrainer):
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
         return dataset  # already tokenized by alignkit.policy.data
 
-    def _forward(self, model):
+    def _forward(self, model, outputs: tuple[str, ...] | None = None):
         """The model as the loss and the reference pass call it: length-chunked in a
-        single process (DDP allows one forward per backward)."""
-        return LengthChunked(model) if self.accelerator.num_processes == 1 else model
+        single process (DDP allows one forward per backward). `outputs`: the per-token
+        fields wanted (default: those TRL's loss and metrics read)."""
+        if self.accelerator.num_processes != 1:
+            return model
+        if outputs is None:
+            outputs = ("log_probs", "entropy", "mean_logits", "is_top1")
+            if getattr(self, "use_weighting", False):
+                outputs += ("log_sum_sq_probs",)
+        return LengthChunked(model, outputs)
 
     # reference log-probs ------------------------------------------------------------------
     def _precompute_ref_logps(self, dataset, name, batch_size):
@@ -313,7 +331,7 @@ class AlignkitDPOTrainer(DPOTrainer):
                     bar.advance()
                     continue
                 inputs = {k: batch[k] for k in MODEL_KEYS}
-                c, r = self.compute_ref_log_probs(self._forward(model), inputs)
+                c, r = self.compute_ref_log_probs(self._forward(model, ("log_probs",)), inputs)
                 STATS["ref_batches"] += 1
                 index, c, r = self.accelerator.gather_for_metrics((index, c, r))
                 for i, cv, rv in zip(index.tolist(), c.float().tolist(), r.float().tolist()):
