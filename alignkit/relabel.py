@@ -37,7 +37,9 @@ A pair has `id` = `{samples_id}-{chosen_index}-{rejected_index}` (reward-augment
 `finished_chosen` / `finished_rejected` (written when either sample was cut by
 max_new_tokens: the trainers then add no eos to the cut side, so that it matches its
 `logp` and does not teach the policy to stop mid-sentence), `meta`, and the samples record's other keys (e.g. `gen`). Ties (margin 0) are always
-dropped; `min_margin` drops pairs with a smaller margin.
+dropped; `min_margin` drops pairs with a smaller margin; `min_chosen` drops pairs whose
+chosen scores below it (only pairs whose chosen reaches a quality bar, e.g. passes
+every rules check).
 
 Other outputs:
 
@@ -90,6 +92,7 @@ Where = tuple[str | None, int | None]
 class RelabelOptions:
     k: int = 1
     min_margin: float = 0.0
+    min_chosen: float | None = None
     length_balance: float | None = None
     seed: int = 0
     no_system: bool = False
@@ -238,6 +241,9 @@ class Strategy:
     def make_pair(self, rec: dict, ci: int, c: dict, ri: int, r: dict) -> dict | None:
         margin = c["score"] - r["score"]
         if not self.keep_margin(margin):
+            return None
+        if self.opts.min_chosen is not None and c["score"] < self.opts.min_chosen:
+            self.summary["chosen below min-chosen"] += 1
             return None
         pair = {"id": f"{rec['id']}-{ci}-{ri}", "prompt": rec["prompt"],
                 "chosen": c["text"], "rejected": r["text"],
@@ -558,6 +564,11 @@ class Relabeler:
                 raise UsageError("--length-balance must be in [0, 1]")
         if not math.isfinite(o.min_margin):
             raise UsageError("--min-margin must be finite")
+        if o.min_chosen is not None:
+            if not math.isfinite(o.min_chosen):
+                raise UsageError("--min-chosen must be finite")
+            if self.strategy.output != "pair":
+                raise UsageError(f"--min-chosen applies to pair outputs, not {strategy}")
         self.strategy.check_options()
 
     def _validated(self, rec: Any, where: Where) -> dict:

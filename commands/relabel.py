@@ -29,6 +29,9 @@ def relabel(
     k: int = typer.Option(1, "--k", help="top-k: pairs (i-th best, i-th worst) for i < k."),
     min_margin: float = typer.Option(0.0, "--min-margin",
                                      help="Drop pairs whose score margin is smaller (ties always dropped)."),
+    min_chosen: Optional[float] = typer.Option(
+        None, "--min-chosen", metavar="SCORE",
+        help="Drop pairs whose chosen scores below SCORE (e.g. keep only chosen answers that pass every check)."),
     length_balance: Optional[float] = typer.Option(
         None, "--length-balance", metavar="SHARE",
         help="Drop random pairs whose chosen is longer (words) until they are at most SHARE of the kept pairs."),
@@ -75,7 +78,7 @@ def relabel(
 
     started = time.time()
     opts = RelabelOptions(
-        k=k, min_margin=min_margin, length_balance=length_balance, seed=seed,
+        k=k, min_margin=min_margin, min_chosen=min_chosen, length_balance=length_balance, seed=seed,
         no_system=no_system, scale=_scale(scale), threshold=threshold, quantile=quantile,
         agree=[s.strip() for s in agree.split(",") if s.strip()] if agree else [],
         keep=keep, rm=rm, dedupe=dedupe,

@@ -152,6 +152,7 @@ complete -c alignkit -n '__fish_seen_subcommand_from relabel' -l k
 complete -c alignkit -n '__fish_seen_subcommand_from relabel' -l keep
 complete -c alignkit -n '__fish_seen_subcommand_from relabel' -l length-balance
 complete -c alignkit -n '__fish_seen_subcommand_from relabel' -l max-length
+complete -c alignkit -n '__fish_seen_subcommand_from relabel' -l min-chosen
 complete -c alignkit -n '__fish_seen_subcommand_from relabel' -l min-margin
 complete -c alignkit -n '__fish_seen_subcommand_from relabel' -l no-system
 complete -c alignkit -n '__fish_seen_subcommand_from relabel' -l output

@@ -14,7 +14,7 @@ _alignkit() {
     "models list") compadd --  ;;
     "models pull") compadd -- --force --to ;;
     "models tiny") compadd -- --force --heads --hidden --layers --out --seed --tokenizer-from -o ;;
-    "relabel") compadd -- --agree --batch-size --dedupe --dtype --k --keep --length-balance --max-length --min-margin --no-system --output --quantile --rm --scale --seed --shard --strategy --threshold -o ;;
+    "relabel") compadd -- --agree --batch-size --dedupe --dtype --k --keep --length-balance --max-length --min-chosen --min-margin --no-system --output --quantile --rm --scale --seed --shard --strategy --threshold -o ;;
     "schema") compadd --  ;;
     "score") compadd -- --aggregate --allow-pickle --batch-size --calibrate --chunk --device --dtype --hybrid --max-length --output --rubric --scorer --shard --tokenizer --transform --trust-remote-code --user --weights -o -s ;;
     "train-policy") compadd -- --allow-pickle --alpha --batch-size --beta --calibrate --clip --dtype --entropy-quantile --entropy-scope --entropy-threshold --epochs --epsilon --epsilon-high --force --grad-accum --gradient-checkpointing --grao-lambda --hybrid --importance-sampling --label-smoothing --list-methods --logging-steps --lora-alpha --lora-dropout --lora-r --lora-targets --loss --loss-weights --lr --mask-truncated --max-length --max-new-tokens --max-steps --merge-lora --method --model --no-record-ref --no-ref-cache --num-generations --opt --output --ref-model --resume --reward --reward-weights --sample-every --save-steps --scale-rewards --seed --sft-weight --simpo-gamma --temperature --transform --trust-remote-code --warmup-ratio -m -o ;;

@@ -76,6 +76,21 @@ def test_ties_min_margin_and_unscored():
         "fewer than 2 scored completions 1, tie 1, unscored completion 2")
 
 
+def test_min_chosen_keeps_only_pairs_whose_chosen_reaches_the_bar(cli, tmp_path):
+    recs = [scored("good", [1.0, 0.2]), scored("meh", [0.6, 0.1]), scored("both", [1.0, 0.9, 0.0])]
+    r = Relabeler("all-pairs", RelabelOptions(min_chosen=1.0))
+    out = list(r.run(recs))
+    assert [p["id"] for p in out] == ["good-0-1", "both-0-1", "both-0-2"]
+    assert r.summary["chosen below min-chosen"] == 2  # meh-0-1 and both-1-2
+    path = write_jsonl(tmp_path / "s.jsonl", recs)
+    res = cli(["relabel", "--min-chosen", "0.95", path])
+    assert res.code == 0 and [p["id"] for p in res.records] == ["good-0-1", "both-0-2"]
+    assert "chosen below min-chosen 1" in res.err
+    for bad in (["--min-chosen", "nan"], ["--strategy", "rank", "--min-chosen", "1"]):
+        res = cli(["relabel", *bad, path])
+        assert res.code == 2 and "--min-chosen" in res.err
+
+
 def test_all_pairs():
     out = relabel([scored("s", [0.2, 0.8, 0.2, 0.5])], "all-pairs")
     assert [(p["id"], p["margin"]) for p in out] == [
