@@ -21,7 +21,7 @@ from typing import Any
 
 from . import console, stats
 from .errors import UsageError
-from .records import prompt_text, text_of
+from .records import text_of
 
 
 @dataclass

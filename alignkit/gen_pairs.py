@@ -325,8 +325,9 @@ class _Pipeline:
         the decoded text (a word split unusually, a special token that decoding drops);
         trainers re-tokenize the text, so that sample's `logp` would be off by a few
         nats and spoil the reference values it stands in for. Those samples (189 of the
-        demo's 1280 SmolLM2 samples) are re-scored by teacher forcing on the text's own tokens, in
-        one batched pass; `token_ids` follows; a mixture's `logp_mix` is dropped."""
+        demo's 1280 SmolLM2 samples) are re-scored by teacher forcing on the text's own
+        tokens, in one batched pass; `token_ids` follows; a mixture's `logp_mix` is
+        dropped."""
         fix = []
         for i, group in enumerate(res):
             for s in group:

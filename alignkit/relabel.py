@@ -36,10 +36,10 @@ A pair has `id` = `{samples_id}-{chosen_index}-{rejected_index}` (reward-augment
 `ref_logp_chosen` / `ref_logp_rejected` (the completions' `logp`, when both have one),
 `finished_chosen` / `finished_rejected` (written when either sample was cut by
 max_new_tokens: the trainers then add no eos to the cut side, so that it matches its
-`logp` and does not teach the policy to stop mid-sentence), `meta`, and the samples record's other keys (e.g. `gen`). Ties (margin 0) are always
-dropped; `min_margin` drops pairs with a smaller margin; `min_chosen` drops pairs whose
-chosen scores below it (only pairs whose chosen reaches a quality bar, e.g. passes
-every rules check).
+`logp` and does not teach the policy to stop mid-sentence), `meta`, and the samples
+record's other keys (e.g. `gen`). Ties (margin 0) are always dropped; `min_margin`
+drops pairs with a smaller margin; `min_chosen` drops pairs whose chosen scores below
+it (only pairs whose chosen reaches a quality bar, e.g. passes every rules check).
 
 Other outputs:
 

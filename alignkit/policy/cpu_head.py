@@ -13,9 +13,9 @@ backbone's hidden states: only the positions with a label, in row chunks small e
 to stay in the allocator's heap, with a custom autograd function that keeps the
 hidden states and the log-normaliser and recomputes each chunk's logits in backward
 (the memory profile of TRL's kernel). The values match TRL's head (tests compare
-them, gradients included). Models this does not cover (logit soft-capping or scaling,
-MoE router losses, non-CPU devices) return None and the caller uses the model's own
-fused head.
+them, gradients included). For models it does not cover (logit soft-capping or
+scaling, MoE router losses, non-CPU devices) `supported` says no and the caller keeps
+the model's own fused head. Entropy comes without a gradient (DPO only logs it).
 """
 from __future__ import annotations
 

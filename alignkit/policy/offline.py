@@ -299,7 +299,8 @@ class AlignkitDPOTrainer(DPOTrainer):
         """Compare the records' ref_logp_* with the reference model on the first batch.
         A record whose log-probs were taken under another tokenization or model (or a
         cut sample that lost its `finished: false`, so that the trainer adds an eos its
-        `logp` lacks) shows up as a gap of several nats; then every record value is ignored and computed instead."""
+        `logp` lacks) shows up as a gap of several nats; then every record value is
+        ignored and computed instead."""
         got = self._reference_pass(None, max_batches=1)
         diffs = [abs(v - ref) / (0.5 + 0.01 * abs(ref))
                  for i, (c, r) in got.items() if not math.isnan(chosen[i])
