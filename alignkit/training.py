@@ -20,39 +20,50 @@ import signal
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from . import console
 from .errors import UsageError
 from .io import atomic_dir, manifest
+from .registry import opt
 
 
 @dataclass
 class TrainOptions:
-    """Flags common to train-policy, train-rm and distill."""
-    epochs: float = 1.0
-    max_steps: int = -1
-    lr: float = 5e-6
-    batch_size: int = 4
-    grad_accum: int = 1
-    max_length: int = 512
-    seed: int = 0
-    dtype: str = "auto"
-    gradient_checkpointing: bool = False
-    lora_r: int = 0
-    lora_alpha: int = 16
-    lora_dropout: float = 0.0
-    lora_targets: str = "all-linear"
-    merge_lora: bool = False
-    logging_steps: int = 1
-    save_steps: int = 0
-    warmup_ratio: float = 0.0
-    resume: bool = False
-    force: bool = False
+    """Flags common to train-policy, train-rm and distill (each field is one flag; its
+    help is declared here and nowhere else)."""
+    epochs: float = opt(1.0, "Training epochs.", low=0.0, low_open=True)
+    max_steps: int = opt(-1, "Stop after this many optimizer steps (-1: use --epochs).")
+    lr: Optional[float] = opt(None, "Learning rate (default: the method's).", low=0.0,
+                              low_open=True)
+    batch_size: int = opt(4, "Per-device batch size.", low=1)
+    grad_accum: int = opt(1, "Gradient accumulation steps.", low=1)
+    max_length: int = opt(512, "Max tokens of prompt + completion.", low=1)
+    seed: int = opt(0, "Random seed: same inputs + seed -> same output.")
+    dtype: str = opt("auto", "auto | float32 | bfloat16 (bf16 is ~3x faster on CPUs with "
+                     "AVX-512 BF16).", choices=("auto", "float32", "fp32", "bfloat16", "bf16",
+                                                 "float16", "fp16"))
+    gradient_checkpointing: bool = opt(False, "Trade compute for memory.")
+    lora_r: int = opt(0, "LoRA rank (0: train full weights).", low=0)
+    lora_alpha: int = opt(16, "LoRA alpha.")
+    lora_dropout: float = opt(0.0, "LoRA dropout.", low=0.0, high=1.0)
+    lora_targets: str = opt("all-linear", "LoRA target modules (comma list or all-linear).")
+    merge_lora: bool = opt(False, "Write merged full weights instead of an adapter.")
+    logging_steps: int = opt(1, "Write metrics.jsonl every N steps.", low=1)
+    save_steps: int = opt(0, "Checkpoint every N steps (0: only on interrupt).", low=0)
+    warmup_ratio: float = opt(0.0, "Linear warmup share of the steps.", low=0.0, high=1.0)
+    resume: bool = opt(False, "Continue the unfinished run in OUT.partial/.")
+    force: bool = opt(False, "Replace an existing output folder.")
     extra: dict[str, Any] = field(default_factory=dict)
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+    def with_lr(self, default: float) -> "TrainOptions":
+        """Fill `lr` with a method's default when --lr was not given."""
+        if self.lr is None:
+            self.lr = default
+        return self
 
 
 def work_dir_for(out: str | Path) -> Path:

@@ -49,66 +49,97 @@ def config_note() -> str:
     return "Any flag can also come from --config FILE (YAML or TOML); command-line flags win."
 
 
-# --- training flags, declared once ---------------------------------------------------
+# --- flags generated from declared parameters ---------------------------------------
 
-def _train_params():
-    """(name, default typer.Option) for every TrainOptions flag."""
-    O = typer.Option
-    return [
-        ("epochs", O(1.0, "--epochs", help="Training epochs.")),
-        ("max_steps", O(-1, "--max-steps", help="Stop after this many optimizer steps (-1: use --epochs).")),
-        ("lr", O(None, "--lr", help="Learning rate (default: the method's).")),
-        ("batch_size", O(4, "--batch-size", help="Per-device batch size.")),
-        ("grad_accum", O(1, "--grad-accum", help="Gradient accumulation steps.")),
-        ("max_length", O(512, "--max-length", help="Max tokens of prompt + completion.")),
-        ("seed", seed_opt()),
-        ("dtype", dtype_opt()),
-        ("gradient_checkpointing", O(False, "--gradient-checkpointing", help="Trade compute for memory.")),
-        ("lora_r", O(0, "--lora-r", help="LoRA rank (0: train full weights).")),
-        ("lora_alpha", O(16, "--lora-alpha", help="LoRA alpha.")),
-        ("lora_dropout", O(0.0, "--lora-dropout", help="LoRA dropout.")),
-        ("lora_targets", O("all-linear", "--lora-targets", help="LoRA target modules (comma list or all-linear).")),
-        ("merge_lora", O(False, "--merge-lora", help="Write merged full weights instead of an adapter.")),
-        ("logging_steps", O(1, "--logging-steps", help="Write metrics.jsonl every N steps.")),
-        ("save_steps", O(0, "--save-steps", help="Checkpoint every N steps (0: only on interrupt).")),
-        ("warmup_ratio", O(0.0, "--warmup-ratio", help="Linear warmup share of the steps.")),
-        ("resume", O(False, "--resume", help="Continue the unfinished run in OUT.partial/.")),
-        ("force", force_opt()),
-    ]
+def param_option(p, *, aliases: tuple[str, ...] = (), help: str | None = None):
+    """(annotation, typer.Option) of a declared `alignkit.registry.Param`."""
+    from typing import List
+    decls = [p.flag_name]
+    if p.type is bool and p.negatable:
+        decls = [f"{p.flag_name}/--no-{p.flag_name[2:]}"]
+    decls += [a for a in (p.short, *aliases) if a]
+    if p.type is bool and not p.negatable:
+        annotation, default = bool, bool(p.default)
+    elif p.multiple:
+        annotation, default = Optional[List[p.type]], None
+    else:
+        annotation, default = Optional[p.type], p.default
+    metavar = p.metavar or _metavar(p)
+    return annotation, typer.Option(default, *decls, help=help or p.describe(), metavar=metavar,
+                                    show_default=default not in (None, False, ""))
 
 
-def train_command(default_lr: float = 5e-6):
-    """Decorator: add the shared training flags to a typer command function.
+def _metavar(p) -> str | None:
+    if p.type is bool:
+        return None
+    if p.choices:
+        return "|".join(map(str, p.choices)) if len(p.choices) <= 4 else "NAME"
+    return {int: "N", float: "X"}.get(p.type, "TEXT")
 
-    The wrapped function receives `opts: TrainOptions` instead of those flags, so every
-    training command parses them the same way and stays short.
+
+def with_params(**groups):
+    """Decorator: add the flags of declared parameters to a typer command function.
+
+    Each keyword names the argument the function receives and gives its parameters:
+    a dataclass type whose fields carry help (`registry.params_of`; the function gets
+    an instance), or an iterable of `registry.Param`s (the function gets a dict of the
+    values given, None for a flag not given). A flag the function declares itself is
+    left to it. `aliases={"name": ("--old",)}` adds old spellings.
     """
+    import dataclasses
     import functools
     import inspect
 
+    from alignkit.registry import params_of
+    aliases = groups.pop("aliases", {})
+    plan = {}
+    for arg, spec in groups.items():
+        is_cls = dataclasses.is_dataclass(spec)
+        plan[arg] = (spec if is_cls else None, tuple(params_of(spec) if is_cls else spec))
+
     def deco(fn):
         sig = inspect.signature(fn)
-        own = [p for n, p in sig.parameters.items() if n != "opts"]
-        names = {p.name for p in own}
-        # --lr defaults to None (the method's default): without an annotation click
-        # would parse it as a string.
-        types = {"lr": Optional[float]}
-        extra = [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=d,
-                                   annotation=types.get(n, inspect.Parameter.empty))
-                 for n, d in _train_params() if n not in names]
-        own = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own]
+        own = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY)
+               for n, p in sig.parameters.items() if n not in plan]
+        taken = {p.name for p in own}
+        extra, routes = [], {}
+        for arg, (_, params) in plan.items():
+            for prm in params:
+                if prm.dest in taken:
+                    continue
+                taken.add(prm.dest)
+                routes[prm.dest] = (arg, prm)
+                ann, default = param_option(prm, aliases=tuple(aliases.get(prm.name, ())))
+                extra.append(inspect.Parameter(prm.dest, inspect.Parameter.KEYWORD_ONLY,
+                                               default=default, annotation=ann))
 
         @functools.wraps(fn)
         def wrapper(**kwargs):
-            from alignkit.training import TrainOptions
-            fields = {n for n, _ in _train_params()}
-            opt_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in fields and k not in names}
-            if opt_kwargs.get("lr") is None:
-                opt_kwargs["lr"] = default_lr
-            return fn(opts=TrainOptions(**opt_kwargs), **kwargs)
+            values = {arg: {} for arg in plan}
+            for dest, (arg, prm) in routes.items():
+                v = kwargs.pop(dest)
+                if prm.type is bool and not prm.negatable and v is False:
+                    v = prm.default if plan[arg][0] is not None else None
+                if prm.multiple and v is not None:
+                    v = list(v) or None
+                if v is not None:
+                    v = prm.coerce(v)
+                values[arg][prm.name] = v
+            for arg, (cls, _) in plan.items():
+                kwargs[arg] = cls(**{k: v for k, v in values[arg].items()
+                                     if v is not None}) if cls is not None else values[arg]
+            return fn(**kwargs)
 
         wrapper.__signature__ = sig.replace(parameters=own + extra)
         del wrapper.__wrapped__
         return wrapper
 
     return deco
+
+
+def train_command(fn=None):
+    """Decorator: the shared training flags (the fields of `TrainOptions`, declared once
+    there) become flags; the function receives `opts: TrainOptions`."""
+    from alignkit.training import TrainOptions
+    deco = with_params(opts=TrainOptions)
+    return deco(fn) if fn is not None else deco

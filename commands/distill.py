@@ -7,7 +7,7 @@ import typer
 from ._common import allow_pickle_opt, input_arg, train_command, trust_remote_code_opt
 
 
-@train_command(default_lr=None)
+@train_command
 def distill(
     data: str = input_arg("Prompts (string or chat; optional completion) or pairs (the chosen "
                           "side is the given completion); '-' reads stdin."),

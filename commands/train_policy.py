@@ -22,7 +22,7 @@ def _parse_opts(items: list[str] | None) -> dict:
     return out
 
 
-@train_command(default_lr=None)
+@train_command
 def train_policy(
     data: str = input_arg("Training records: pairs, ranking or samples, unpaired, or "
                           "prompt+completion, or prompts (online methods), as the method needs "

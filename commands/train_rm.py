@@ -8,7 +8,7 @@ from ._common import input_arg, out_dir_opt, train_command
 METHOD_NAMES = ("bt", "pal", "maxmin", "crm")
 
 
-@train_command(default_lr=1e-4)
+@train_command
 def train_rm(
     pairs: str = input_arg("Pairs JSONL (prompt, chosen, rejected; optional margin, "
                            "meta.user, meta.subset); '-' reads stdin."),
@@ -68,7 +68,7 @@ def train_rm(
                    center_rewards=center_rewards, k=k, adapt_users=adapt_users,
                    em_iters=em_iters, noise_rate=noise_rate, curriculum=curriculum,
                    pal_dim=pal_dim, head_lr=head_lr, user_lr=user_lr)
-    train(method, pairs, model, output, opts, cfg)
+    train(method, pairs, model, output, opts.with_lr(1e-4), cfg)
 
 
 def register(app: typer.Typer) -> None:
