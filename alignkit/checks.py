@@ -50,6 +50,7 @@ from dataclasses import dataclass, field as dc_field
 from typing import Any, Callable
 
 from alignkit.errors import DataError
+from alignkit.text import completion_text, prompt_text as user_text
 
 __all__ = [
     "Param", "CheckType", "CHECKS", "RELATIONS",
@@ -77,24 +78,12 @@ _TWO_RESPONSES_SPLIT_RE = re.compile(r"\*{6,}")
 
 
 def as_text(value: Any, role: str = "assistant") -> str:
-    """A string from a string or a chat message list.
-
-    For ``role="assistant"`` the contents of all assistant messages are joined with a
-    blank line (all messages when none is an assistant message); for ``role="user"`` the
-    last user message is used.
-    """
-    if value is None:
-        return ""
-    if isinstance(value, str):
-        return value
-    if isinstance(value, list):
-        msgs = [m for m in value if isinstance(m, dict)]
-        if role == "user":
-            users = [m for m in msgs if m.get("role") == "user"]
-            return str(users[-1].get("content", "")) if users else ""
-        chosen = [m for m in msgs if m.get("role") == role] or msgs
-        return "\n\n".join(str(m.get("content", "")) for m in chosen)
-    return str(value)
+    """A completion's text (``role="assistant"``) or a prompt's user text
+    (``role="user"``), by the rules of `alignkit.text`."""
+    if role == "user":
+        return user_text(value)
+    return completion_text(value) if isinstance(value, (str, list)) or value is None \
+        else str(value)
 
 
 def words(text: str) -> list[str]:

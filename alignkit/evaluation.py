@@ -22,6 +22,7 @@ from typing import Any
 from . import console, stats
 from .errors import UsageError
 from .records import text_of
+from .scorers.options import ScorerOptions
 
 
 @dataclass
@@ -39,7 +40,7 @@ class EvalOptions:
     n_boot: int = 1000
     kl: bool = True
     topk: bool = True
-    scorer_options: dict = field(default_factory=dict)
+    scoring: ScorerOptions = field(default_factory=ScorerOptions)
 
 
 # --- generation and scoring ---------------------------------------------------------------
@@ -66,8 +67,7 @@ def generate(model_spec: str, prompts: list[dict], opts: EvalOptions, label: str
 
 
 def score(records: list[dict], opts: EvalOptions) -> list[dict]:
-    from .scorers import build_scorer
-    scorer = build_scorer(opts.scorers, opts.weights, **opts.scorer_options)
+    scorer = opts.scoring.build(opts.scorers, opts.weights, dtype=opts.dtype)
     return scorer.score_records(records)
 
 

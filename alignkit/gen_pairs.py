@@ -19,7 +19,8 @@ from .errors import DataError, UsageError
 from .generation import (SampleParams, _check_same_vocab, _pad_id, completion_logps,
                          encode_prompt, render_prompt, sample, sample_vllm, token_logps,
                          vllm_available)
-from .records import Text, text_of
+from .records import Text
+from .text import as_completion, completion_text as text_of
 
 # ======================================================================================
 # The gen-pairs pipeline
@@ -219,13 +220,8 @@ def resume_state(path: str | None, per_prompt: int) -> set[str]:
 
 # --- building records --------------------------------------------------------------------------
 
-def _as_completion(text: str, prompt: Text):
-    """A completion in the prompt's format (TRL: conversational prompt -> message list)."""
-    return text if isinstance(prompt, str) else [{"role": "assistant", "content": text}]
-
-
 def _given_completion(ans, prompt: Text):
-    return _as_completion(text_of(ans), prompt) if isinstance(ans, str) != isinstance(prompt, str) else ans
+    return as_completion(text_of(ans), prompt) if isinstance(ans, str) != isinstance(prompt, str) else ans
 
 
 def _gen_block(opts: GenPairsOptions, spec: str, sha: str, **extra) -> dict:
@@ -242,7 +238,7 @@ def _gen_block(opts: GenPairsOptions, spec: str, sha: str, **extra) -> dict:
 
 
 def _completion_entry(s: dict, prompt: Text, extra_keys=("logp_ref", "logp_mix")) -> dict:
-    entry = {"text": _as_completion(s["text"], prompt), "logp": s["logp"],
+    entry = {"text": as_completion(s["text"], prompt), "logp": s["logp"],
              "n_tokens": s["n_tokens"], "finished": s["finished"]}
     entry.update({k: s[k] for k in extra_keys if k in s})
     return entry
@@ -379,7 +375,7 @@ class _Pipeline:
         out = []
         for rec, group, ans, lp in zip(records, groups, answers, lp_given):
             chosen = [_given_completion(ans, rec["prompt"])] * n
-            rejected = [_as_completion(s["text"], rec["prompt"]) for s in group]
+            rejected = [as_completion(s["text"], rec["prompt"]) for s in group]
             out += _pair_records(rec, chosen, rejected, [lp] * n, [s["logp"] for s in group],
                                  self.gen, n, fin_r=[s["finished"] for s in group])
         return out
@@ -407,11 +403,11 @@ class _Pipeline:
         out = []
         for i, rec in enumerate(records):
             p = rec["prompt"]
-            rejected = [_as_completion(s["text"], p) for s in neg[i]]
+            rejected = [as_completion(s["text"], p) for s in neg[i]]
             lp_r = [float(sum(x)) for x in neg_lp[i * n:(i + 1) * n]]
             fin_c = None
             if i in pos_groups:
-                chosen = [_as_completion(s["text"], p) for s in pos_groups[i]]
+                chosen = [as_completion(s["text"], p) for s in pos_groups[i]]
                 lp_c = [s["logp"] for s in pos_groups[i]]
                 fin_c = [s["finished"] for s in pos_groups[i]]
             else:

@@ -38,7 +38,8 @@ from pathlib import Path
 
 from . import console
 from .errors import AlignkitError, UsageError
-from .records import Text, text_of
+from .records import Text
+from .text import encode_pair, encode_prompt, render_prompt  # noqa: F401  (the sampler's text layer)
 
 # ======================================================================================
 # The sampler
@@ -72,72 +73,6 @@ class SampleParams:
         if self.batch_size < 1:
             raise UsageError(f"--batch-size must be >= 1, got {self.batch_size}")
         return self
-
-
-def render_prompt(tokenizer, prompt: Text, system: str | None = None, raw: bool = False) -> str:
-    """The text the model continues.
-
-    A string prompt goes through the tokenizer's chat template (with `system` as a
-    system message, and the generation prompt added) when the tokenizer has one and
-    `raw` is False; otherwise it is used as is. A message list always goes through the
-    chat template (`system` is not added to it: it carries its own).
-    """
-    has_template = bool(getattr(tokenizer, "chat_template", None))
-    if isinstance(prompt, str):
-        if raw or not has_template:
-            if system:
-                raise UsageError("--system needs the chat template "
-                                 + ("(drop --raw)" if raw else "(the tokenizer has none)"))
-            return prompt
-        messages = ([{"role": "system", "content": system}] if system else []) + \
-            [{"role": "user", "content": prompt}]
-    else:
-        if not has_template:
-            raise UsageError("message-list prompts need a tokenizer with a chat template")
-        messages = prompt
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-
-
-_PREFIX_CACHE: dict[int, list[int]] = {}
-
-
-def _special_prefix(tokenizer) -> list[int]:
-    """The special tokens the tokenizer puts in front of a text (a BOS for Llama-2-style
-    tokenizers; nothing for ChatML ones)."""
-    key = id(tokenizer)
-    if key not in _PREFIX_CACHE:
-        plain = tokenizer("a", add_special_tokens=False)["input_ids"]
-        full = tokenizer("a")["input_ids"]
-        k = next((i for i in range(len(full) - len(plain) + 1)
-                  if full[i:i + len(plain)] == plain), 0)
-        _PREFIX_CACHE[key] = list(full[:k])
-    return _PREFIX_CACHE[key]
-
-
-def encode_prompt(tokenizer, rendered_prompt: str) -> list[int]:
-    """Token ids of a rendered prompt: the tokenizer's special prefix (BOS) unless the
-    text already starts with it, then the text without other special tokens. Never
-    empty (an empty prompt becomes the BOS or EOS token)."""
-    ids = list(tokenizer(rendered_prompt, add_special_tokens=False)["input_ids"])
-    pre = _special_prefix(tokenizer)
-    if pre and ids[:len(pre)] != pre:
-        ids = pre + ids
-    if not ids:
-        fill = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-        if fill is None:
-            raise AlignkitError("empty prompt and the tokenizer has no BOS/EOS token")
-        ids = [fill]
-    return ids
-
-
-def encode_pair(tokenizer, rendered_prompt: str, completion: Text,
-                add_eos: bool = True) -> tuple[list[int], list[int]]:
-    """(prompt ids, completion ids): the tokenization `completion_logps` scores. The
-    completion is encoded on its own (no special tokens), plus EOS when `add_eos`."""
-    comp = list(tokenizer(text_of(completion), add_special_tokens=False)["input_ids"])
-    if add_eos and tokenizer.eos_token_id is not None:
-        comp.append(tokenizer.eos_token_id)
-    return encode_prompt(tokenizer, rendered_prompt), comp
 
 
 def stop_token_ids(model, tokenizer) -> set[int]:

@@ -15,6 +15,7 @@ import math
 from typing import Any, Literal, NotRequired, TypedDict, Union
 
 from .errors import DataError
+from .text import completion_text as text_of, prompt_text  # noqa: F401  (re-exported)
 
 
 class Message(TypedDict):
@@ -241,24 +242,6 @@ def derive_id(prompt: Any) -> str:
     """A stable id from the prompt's canonical JSON: 'p-' + 16 hex of its sha256."""
     canon = json.dumps(prompt, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
     return "p-" + hashlib.sha256(canon.encode("utf-8")).hexdigest()[:16]
-
-
-def text_of(value: Text) -> str:
-    """The plain text of a completion/prompt: a string, or the last message's content
-    (for a prompt message list, the last user turn)."""
-    if isinstance(value, str):
-        return value
-    return value[-1]["content"] if value else ""
-
-
-def prompt_text(prompt: Text) -> str:
-    """The user-visible text of a prompt: the string, or the last user message."""
-    if isinstance(prompt, str):
-        return prompt
-    for m in reversed(prompt):
-        if m["role"] == "user":
-            return m["content"]
-    return prompt[-1]["content"]
 
 
 def schema(kind: str) -> dict:

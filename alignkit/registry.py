@@ -226,8 +226,8 @@ def unknown_name(kind: str, name: str, known: list[str], flag: str | None = None
     """The one "unknown name" message of every kind, with a close-match suggestion."""
     close = difflib.get_close_matches(str(name), known, n=1, cutoff=0.6)
     hint = f"; did you mean {close[0]!r}?" if close else ""
-    what = f"{flag} " if flag else ""
-    return UsageError(f"unknown {kind} {what}{name!r}{hint} Known: {', '.join(known)}")
+    where = f" ({flag})" if flag else ""
+    return UsageError(f"unknown {kind} {name!r}{where}{hint} Known: {', '.join(known)}.")
 
 
 class Registry:

@@ -99,7 +99,10 @@ def with_params(**groups):
 
     def deco(fn):
         sig = inspect.signature(fn)
-        own = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY)
+        import typing
+        hints = typing.get_type_hints(fn)  # resolved here: the wrapper lives in this module
+        own = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY,
+                         annotation=hints.get(n, p.annotation))
                for n, p in sig.parameters.items() if n not in plan]
         taken = {p.name for p in own}
         extra, routes = [], {}
@@ -130,7 +133,10 @@ def with_params(**groups):
                                      if v is not None}) if cls is not None else values[arg]
             return fn(**kwargs)
 
-        wrapper.__signature__ = sig.replace(parameters=own + extra)
+        params = own + extra
+        wrapper.__signature__ = sig.replace(parameters=params)
+        wrapper.__annotations__ = {p.name: p.annotation for p in params
+                                   if p.annotation is not inspect.Parameter.empty}
         del wrapper.__wrapped__
         return wrapper
 

@@ -3,15 +3,19 @@ from __future__ import annotations
 
 import typer
 
-from ._common import dtype_opt, input_arg, seed_opt
+from alignkit.scorers.options import ScorerOptions  # light: a dataclass
+
+from ._common import dtype_opt, input_arg, seed_opt, with_params
+from .score import scorer_opt
 
 
+@with_params(scoring=ScorerOptions)
 def eval_cmd(
     data: str = input_arg("Prompts JSONL (with --model) or samples JSONL (without); '-' reads stdin."),
     model: list[str] = typer.Option(None, "--model", "-m", help="Model to evaluate (repeat for several checkpoints)."),
     baseline: str = typer.Option(None, "--baseline", "-b", help="Baseline model to compare against."),
-    scorer: list[str] = typer.Option(["rules"], "--scorer", "-s", help="Scorer spec, as in `alignkit score` (repeatable)."),
-    weights: str = typer.Option(None, "--weights", help="Comma-separated weights of the scorers."),
+    scorer: list[str] = scorer_opt(["rules"]),
+    weights: str = typer.Option(None, "--weights", metavar="W,W", help="Comma-separated weights of the scorers."),
     baseline_samples: str = typer.Option(None, "--baseline-samples", help="Samples of the baseline on the same prompts (e.g. an earlier --samples-out): skips generating with it."),
     pairs: str = typer.Option(None, "--pairs", help="Pair records: report reward-model accuracy of the scorers on them."),
     num_samples: int = typer.Option(1, "-n", "--num-samples", help="Completions per prompt."),
@@ -28,6 +32,7 @@ def eval_cmd(
     samples_out: str = typer.Option(None, "--samples-out", help="Also write the scored samples (JSONL; one file per model: PATH with the label inserted)."),
     seed: int = seed_opt(),
     dtype: str = dtype_opt(),
+    scoring: ScorerOptions = None,
 ) -> None:
     """Score models or samples and compare them: metrics JSON on stdout, a table on stderr.
 
@@ -55,7 +60,8 @@ def eval_cmd(
         raise UsageError("--baseline/--baseline-samples need --model")
     opts = EvalOptions(scorers=list(scorer), weights=w, n=num_samples, temperature=temperature,
                        top_p=top_p, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                       seed=seed, dtype=dtype, system=system, n_boot=n_boot, kl=not no_kl)
+                       seed=seed, dtype=dtype, system=system, n_boot=n_boot, kl=not no_kl,
+                       scoring=scoring)
     kind = "prompt" if model else "samples"
     records = load_records(data, kind, unique_ids=True)
     if limit:

@@ -38,6 +38,7 @@ from typing import Any
 
 from .. import console
 from ..errors import DataError, UsageError
+from ..text import as_messages, completion_text  # noqa: F401  (the text layer)
 from ..records import detect_kind, validate
 
 # The data kinds a method declares; the record kind each is validated as.
@@ -100,22 +101,6 @@ def _validate_sft(rec: dict) -> None:
 
 
 # --- text helpers -------------------------------------------------------------------------
-
-def as_messages(prompt: Any) -> list[dict]:
-    """A prompt as a chat message list (a string becomes one user turn)."""
-    if isinstance(prompt, str):
-        return [{"role": "user", "content": prompt}]
-    return [dict(m) for m in prompt]
-
-
-def completion_text(value: Any) -> str:
-    """The text of a completion: a string, or a single assistant message."""
-    if isinstance(value, str):
-        return value
-    if len(value) == 1 and value[0].get("role") == "assistant":
-        return value[0]["content"]
-    raise DataError("a completion must be a string or one assistant message")
-
 
 def _text(data: Data, i: int, value: Any, field: str) -> str:
     try:

@@ -46,26 +46,37 @@ from typing import Any, Callable, Sequence
 
 from ..errors import DataError, UsageError
 from ..records import derive_id
+from ..registry import Registry
 from .base import Item, Scorer
-from .judge import JudgeScorer
-from .length import LengthScorer
-from .pairwise import PairwiseScorer, win_probabilities
-from .python_fn import PythonScorer
-from .rm import RewardModelScorer, rm_inputs, rm_rewards
+from .pairwise import win_probabilities
+from .rm import rm_inputs, rm_rewards
 from .rules import RulesScorer, has_checks
 
 __all__ = ["SCORERS", "Item", "Scorer", "CombinedScorer", "build_scorer", "parse_spec",
            "parse_weights", "parse_transform", "calibrated", "rm_inputs", "rm_rewards",
            "win_probabilities"]
 
-SCORERS: dict[str, type[Scorer]] = {
-    "rules": RulesScorer,
-    "rm": RewardModelScorer,
-    "pairwise": PairwiseScorer,
-    "judge": JudgeScorer,
-    "python": PythonScorer,
-    "length": LengthScorer,
-}
+# The scorer kinds: the implementation (a Scorer subclass) is imported on first use.
+SCORERS = Registry("scorer", "--scorer")
+for _name, _usage, _cls, _summary in [
+    ("rules", "rules", "rules:RulesScorer", "verifiable checks from meta.checks (fraction passed)"),
+    ("rm", "rm:DIR", "rm:RewardModelScorer", "reward-model folder from train-rm (pal/maxmin "
+     "folders take --user/--aggregate)"),
+    ("pairwise", "pairwise:DIR", "pairwise:PairwiseScorer", "SPPO win probability within the "
+     "group, from a reward model"),
+    ("judge", "judge:MODEL", "judge:JudgeScorer", "LLM judge: P(yes) per rubric item "
+     "(meta.rubric or --rubric)"),
+    ("python", "python:MODULE:FN", "python_fn:PythonScorer", "user function, TRL reward-function "
+     "convention (or python:FILE.py:FN)"),
+    ("length", "length[:MAX[:CACHE]]", "length:LengthScorer", "DAPO soft overlong penalty (words, "
+     "or tokens with --tokenizer; default 512:128)"),
+]:
+    SCORERS.add(_name, _summary, f"{__name__}.{_cls}", usage=_usage)
+
+
+def scorer_help() -> str:
+    """The --scorer/--reward help, from the registry."""
+    return "Scorer spec, repeatable: " + " | ".join(e.usage for e in SCORERS) + "."
 
 
 def parse_spec(spec: str) -> tuple[str, str | None]:
@@ -73,8 +84,7 @@ def parse_spec(spec: str) -> tuple[str, str | None]:
     if not isinstance(spec, str) or not spec.strip():
         raise UsageError("empty scorer spec")
     kind, sep, arg = spec.strip().partition(":")
-    if kind not in SCORERS:
-        raise UsageError(f"unknown scorer {kind!r} in {spec!r}; known: {', '.join(SCORERS)}")
+    SCORERS.get(kind)
     return kind, (arg if sep else None)
 
 
@@ -325,7 +335,8 @@ def build_scorer(specs: list[str], weights: list[float] | str | None = None, *,
     fn = parse_transform(transform)
     if fn is not None and not calibrate:
         raise UsageError("--transform applies to calibrated scores: give --calibrate too")
-    scorers = [SCORERS[kind](spec, arg, options) for spec, (kind, arg) in zip(specs, parsed)]
+    scorers = [SCORERS.get(kind).load()(spec, arg, options)
+               for spec, (kind, arg) in zip(specs, parsed)]
     combined = CombinedScorer(scorers, w, hybrid=hybrid, transform=fn)
     if calibrate:
         combined.load_reference(calibrate)

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Sequence
 
 from ..errors import DataError, UsageError
+from ..text import as_messages, has_chat_template, transcript as plain  # noqa: F401  (the text layer)
 
 
 @dataclass
@@ -55,24 +56,6 @@ def need_arg(kind: str, arg: str | None, what: str) -> str:
     if not arg:
         raise UsageError(f"scorer {kind!r} needs {what}: use {kind}:{what.upper()}")
     return arg
-
-
-def plain(value: Any) -> str:
-    """A chat message list as plain text (`role: content` lines); a string as is."""
-    if isinstance(value, str):
-        return value
-    return "\n\n".join(f"{m['role']}: {m['content']}" for m in value)
-
-
-def as_messages(value: Any, role: str) -> list[dict]:
-    """A string as a one-message list with `role`; a message list unchanged (copied)."""
-    if isinstance(value, str):
-        return [{"role": role, "content": value}]
-    return [dict(m) for m in value]
-
-
-def has_chat_template(tokenizer) -> bool:
-    return bool(getattr(tokenizer, "chat_template", None))
 
 
 def encode(tokenizer, texts: list[str], max_length: int, *, padding_side: str = "right",

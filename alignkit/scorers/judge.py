@@ -28,8 +28,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ..errors import DataError, UsageError
-from .base import (Item, Scorer, batches, encode, has_chat_template, load_model, need_arg,
-                   plain)
+from ..text import completion_text, render_prompt, transcript
+from .base import Item, Scorer, batches, encode, load_model, need_arg
 
 YES = ("yes", " yes", "Yes", " Yes")
 NO = ("no", " no", "No", " No")
@@ -129,18 +129,9 @@ def answer_token_ids(tokenizer) -> tuple[list[int], list[int]]:
 def judge_prompt(tokenizer, prompt: Any, completion: Any, item: dict) -> str:
     """The rendered judge input for one completion and one rubric item."""
     question = QUESTIONS[item["kind"]].format(text=item["text"])
-    text = JUDGE_TEMPLATE.format(prompt=plain(prompt), completion=plain(completion),
+    text = JUDGE_TEMPLATE.format(prompt=transcript(prompt), completion=completion_text(completion),
                                  question=question)
-    try:
-        from ..generation import render_prompt
-    except ImportError:
-        render_prompt = None
-    if render_prompt is not None:
-        return render_prompt(tokenizer, text)
-    if has_chat_template(tokenizer):
-        return tokenizer.apply_chat_template([{"role": "user", "content": text}],
-                                             tokenize=False, add_generation_prompt=True)
-    return text + "\nAnswer:"
+    return render_prompt(tokenizer, text)
 
 
 def p_yes(model, tokenizer, texts: Sequence[str], yes: list[int], no: list[int], *,

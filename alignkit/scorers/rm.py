@@ -16,22 +16,13 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-from .base import (Item, Scorer, as_messages, batches, encode, has_chat_template, load_model,
-                   need_arg)
-
-
-def _joined(value: Any) -> str:
-    if isinstance(value, str):
-        return value
-    return "\n\n".join(m["content"] for m in value)
+from ..text import render_conversation
+from .base import Item, Scorer, batches, encode, load_model, need_arg
 
 
 def rm_inputs(tokenizer, prompt: Any, completion: Any) -> str:
-    """The reward model's input text for (prompt, completion); see the module docstring."""
-    if has_chat_template(tokenizer):
-        messages = as_messages(prompt, "user") + as_messages(completion, "assistant")
-        return tokenizer.apply_chat_template(messages, tokenize=False)
-    return f"{_joined(prompt)}\n\n{_joined(completion)}"
+    """The reward model's input text for (prompt, completion): `alignkit.text.render_conversation`."""
+    return render_conversation(tokenizer, prompt, completion)
 
 
 def rm_rewards(model, tokenizer, texts: Sequence[str], *, batch_size: int = 8,
@@ -76,7 +67,7 @@ class RewardModelScorer(Scorer):
         if _train_rm_method(spec) in ("pal", "maxmin"):
             from ..reward_models import load_reward_model  # loading only, no training code
             self.mixture = load_reward_model(
-                spec, user=options.get("user"), aggregate=options.get("aggregate") or "mean",
+                spec, user=options.get("user"), aggregate=options.get("aggregate"),
                 dtype=options.get("dtype") or "auto", device=options.get("device"),
                 max_length=options.get("max_length") or 1024)
             return
