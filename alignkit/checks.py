@@ -50,6 +50,7 @@ from dataclasses import dataclass, field as dc_field
 from typing import Any, Callable
 
 from alignkit.errors import DataError
+from alignkit.registry import Registry, unknown_name
 from alignkit.text import completion_text, prompt_text as user_text
 
 __all__ = [
@@ -457,7 +458,7 @@ def _ct(name, params, fn, description, instruction, **kw) -> CheckType:
     return CheckType(name, tuple(params), fn, description, instruction, **kw)
 
 
-CHECKS: dict[str, CheckType] = {c.name: c for c in [
+_TYPES: dict[str, CheckType] = {c.name: c for c in [
     _ct("min_words", [_N], _min_words, "at least n words",
         lambda s: f"Answer with at least {_plural(s['n'], 'word')}."),
     _ct("max_words", [_N], _max_words, "at most n words",
@@ -548,6 +549,14 @@ CHECKS: dict[str, CheckType] = {c.name: c for c in [
         extra_validate=_validate_regex),
 ]}
 
+# The check types on the one registry (the entry's implementation is its CheckType;
+# `CHECKS` stays the name -> CheckType table the checks code reads).
+CHECK_TYPES = Registry("check type")
+for _c in _TYPES.values():
+    CHECK_TYPES.add(_c.name, _c.description, _c, reads="completion", writes="bool",
+                    fields=tuple(p.name for p in _c.params))
+CHECKS: dict[str, CheckType] = _TYPES
+
 
 # --------------------------------------------------------------------------- validation
 
@@ -598,8 +607,8 @@ def validate_check(spec: Any, field: str = "check") -> dict:
         raise DataError("missing check type", field=f"{field}.type")
     name = spec["type"]
     if not isinstance(name, str) or name not in CHECKS:
-        known = ", ".join(sorted(CHECKS))
-        raise DataError(f"unknown check type {name!r} (known: {known})", field=f"{field}.type")
+        raise DataError(str(unknown_name("check type", name, sorted(CHECKS))),
+                        field=f"{field}.type")
     ct = CHECKS[name]
     allowed = {p.name for p in ct.params}
     unknown = sorted(k for k in spec if k != "type" and k not in allowed)

@@ -51,19 +51,22 @@ def config_note() -> str:
 
 # --- flags generated from declared parameters ---------------------------------------
 
-def param_option(p, *, aliases: tuple[str, ...] = (), help: str | None = None):
-    """(annotation, typer.Option) of a declared `alignkit.registry.Param`."""
+def param_option(p, *, aliases: tuple[str, ...] = (), help: str | None = None,
+                 unset: bool = False):
+    """(annotation, typer.Option) of a declared `alignkit.registry.Param`. With `unset`
+    the flag's default is None ("not given": the method fills its declared default,
+    which the help names)."""
     from typing import List
     decls = [p.flag_name]
     if p.type is bool and p.negatable:
         decls = [f"{p.flag_name}/--no-{p.flag_name[2:]}"]
     decls += [a for a in (p.short, *aliases) if a]
     if p.type is bool and not p.negatable:
-        annotation, default = bool, bool(p.default)
+        annotation, default = bool, False if unset else bool(p.default)
     elif p.multiple:
         annotation, default = Optional[List[p.type]], None
     else:
-        annotation, default = Optional[p.type], p.default
+        annotation, default = Optional[p.type], None if unset else p.default
     metavar = p.metavar or _metavar(p)
     return annotation, typer.Option(default, *decls, help=help or p.describe(), metavar=metavar,
                                     show_default=default not in (None, False, ""))
@@ -82,20 +85,28 @@ def with_params(**groups):
 
     Each keyword names the argument the function receives and gives its parameters:
     a dataclass type whose fields carry help (`registry.params_of`; the function gets
-    an instance), or an iterable of `registry.Param`s (the function gets a dict of the
-    values given, None for a flag not given). A flag the function declares itself is
-    left to it. `aliases={"name": ("--old",)}` adds old spellings.
+    an instance), a `registry.Registry` (the union of its entries' parameters, each
+    flag's help naming the entries that take it and their default) or an iterable of
+    `registry.Param`s. For the last two the function gets a dict of the values given
+    (None for a flag not given, so that `Entry.options` can tell a flag that does not
+    apply). A flag the function declares itself is left to it.
+    `aliases={"name": ("--old",)}` adds old spellings.
     """
     import dataclasses
     import functools
     import inspect
 
-    from alignkit.registry import params_of
+    from alignkit.registry import Registry, params_of
     aliases = groups.pop("aliases", {})
-    plan = {}
+    plan, helps = {}, {}
     for arg, spec in groups.items():
-        is_cls = dataclasses.is_dataclass(spec)
-        plan[arg] = (spec if is_cls else None, tuple(params_of(spec) if is_cls else spec))
+        if dataclasses.is_dataclass(spec):
+            plan[arg] = (spec, params_of(spec))
+        elif isinstance(spec, Registry):
+            plan[arg] = (None, tuple(spec.params().values()))
+            helps.update({n: spec.param_help(n) for n in spec.params()})
+        else:
+            plan[arg] = (None, tuple(spec))
 
     def deco(fn):
         sig = inspect.signature(fn)
@@ -112,7 +123,9 @@ def with_params(**groups):
                     continue
                 taken.add(prm.dest)
                 routes[prm.dest] = (arg, prm)
-                ann, default = param_option(prm, aliases=tuple(aliases.get(prm.name, ())))
+                ann, default = param_option(prm, aliases=tuple(aliases.get(prm.name, ())),
+                                            help=helps.get(prm.name),
+                                            unset=plan[arg][0] is None)
                 extra.append(inspect.Parameter(prm.dest, inspect.Parameter.KEYWORD_ONLY,
                                                default=default, annotation=ann))
 

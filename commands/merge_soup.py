@@ -7,9 +7,10 @@ import typer
 
 from alignkit import soup  # light: the registry only (no torch)
 
-from ._common import force_opt, out_dir_opt, seed_opt
+from ._common import force_opt, out_dir_opt, seed_opt, with_params
 
 
+@with_params(params=soup.METHODS)
 def merge_soup(
     models: List[str] = typer.Argument(..., help="Model folders, PEFT LoRA adapter folders or "
                                                  "embedded model names to merge."),
@@ -23,13 +24,6 @@ def merge_soup(
                              "and generation config come from --base, else the first model."),
     weights: Optional[str] = typer.Option(None, "--weights",
                                           help="Comma-separated weights, one per MODEL (default 1 each)."),
-    t: Optional[float] = typer.Option(None, "--t", help=soup.param_help("t")),
-    lambda_: Optional[float] = typer.Option(None, "--lambda", help=soup.param_help("lambda")),
-    density: Optional[float] = typer.Option(None, "--density", help=soup.param_help("density")),
-    sign: Optional[str] = typer.Option(None, "--sign", help=soup.param_help("sign")),
-    rescale: Optional[str] = typer.Option(None, "--rescale", help=soup.param_help("rescale")),
-    normalize: Optional[bool] = typer.Option(None, "--normalize/--no-normalize",
-                                             help=soup.param_help("normalize")),
     seed: int = seed_opt(),
     dtype: str = typer.Option("auto", "--dtype", help="Output dtype: auto (the reference model's) | "
                                                       "float32 | bfloat16 | float16. Arithmetic is float32."),
@@ -37,6 +31,7 @@ def merge_soup(
                                        help="Largest output shard (e.g. 2GB, 500MiB); more than one "
                                             "shard gets a model.safetensors.index.json."),
     force: bool = force_opt(),
+    params: dict = None,
 ) -> None:
     """Merge models tensor by tensor into one folder (a model soup), streaming from safetensors.
 
@@ -55,8 +50,6 @@ def merge_soup(
 
     from alignkit import console
     started = time.time()
-    params = {"t": t, "lambda": lambda_, "density": density, "sign": sign, "rescale": rescale,
-              "normalize": normalize}
     cfg = soup.build_config(method, models, base=base, weights=soup.parse_weights(weights),
                             params=params, seed=seed, dtype=dtype, max_shard_size=max_shard_size)
     soup.merge(cfg, output, force=force)

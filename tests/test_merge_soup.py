@@ -348,9 +348,9 @@ def test_bad_requests_exit_2(cli, tmp_path, zoo, args, msg):
 
 
 def test_registry_declares_parameters():
-    assert list(soup.METHODS) == ["linear", "uniform", "slerp", "task-arithmetic", "ties",
+    assert soup.METHODS.names() == ["linear", "uniform", "slerp", "task-arithmetic", "ties",
                                   "dare-linear", "dare-ties"]
-    for m in soup.METHODS.values():
+    for m in soup.METHODS:
         for p in m.params:
             assert p.name and p.type in (bool, float, str) and p.help and p.coerce(p.default) == p.default
     cfg = soup.build_config("dare-ties", ["x"], base="b", seed=2)

@@ -94,7 +94,7 @@ def _merge(cfg: MergeConfig, output: str | Path, force: bool) -> dict:
                 job = Job(name, len(inputs), lambda i: inputs[i].load(name),
                           (lambda: base.load(name)) if base else None, cfg.weights, cfg.params, cfg.seed)
                 with torch.no_grad():
-                    return cfg.method.fn(job)
+                    return cfg.method.load()(job)
 
             # the inputs' sha256 (for alignkit.json) on a second thread while merging:
             # hashlib releases the GIL, so this overlaps with the tensor arithmetic

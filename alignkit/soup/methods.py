@@ -10,45 +10,9 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from ..errors import UsageError
+from ..registry import Entry, Param, Registry
 
 # --- parameters and the registry ---------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Param:
-    """A declared method parameter: name, type, default, help, allowed values/range."""
-
-    name: str
-    type: type
-    default: Any
-    help: str
-    choices: tuple = ()
-    low: float | None = None
-    high: float | None = None
-    low_open: bool = False  # low bound excluded
-
-    def coerce(self, value: Any) -> Any:
-        flag = f"--{self.name}"
-        if self.type is bool:
-            if not isinstance(value, bool):
-                raise UsageError(f"{flag} must be true or false, got {value!r}")
-            return value
-        if self.type is float:
-            try:
-                v = float(value)
-            except (TypeError, ValueError):
-                raise UsageError(f"{flag} must be a number, got {value!r}") from None
-            if not math.isfinite(v):
-                raise UsageError(f"{flag} must be finite, got {value!r}")
-            if self.low is not None and (v < self.low or (self.low_open and v == self.low)):
-                raise UsageError(f"{flag} must be {'>' if self.low_open else '>='} {self.low}, got {v}")
-            if self.high is not None and v > self.high:
-                raise UsageError(f"{flag} must be <= {self.high}, got {v}")
-            return v
-        v = str(value)
-        if self.choices and v not in self.choices:
-            raise UsageError(f"{flag} must be one of {' | '.join(self.choices)}, got {v!r}")
-        return v
 
 
 T = Param("t", float, 0.5, "slerp position: 0 gives the first model (or --base), 1 the second.",
@@ -58,57 +22,44 @@ DENSITY = Param("density", float, 0.5, "Share of each task vector kept (ties: th
                 "|entries|; dare: a random Bernoulli(density) mask).", low=0.0, high=1.0, low_open=True)
 SIGN = Param("sign", str, "sum", "TIES sign election: sum (of the weighted task vectors) | "
              "count (of their signs).", choices=("sum", "count"))
-NORMALIZE = Param("normalize", bool, True, "Divide by the sum of the weights (ties: of the "
+NORMALIZE = Param("normalize", bool, True, negatable=True, help="Divide by the sum of the weights (ties: of the "
                   "weights that agree with the elected sign).")
 RESCALE = Param("rescale", str, "density", "DARE rescale of the kept entries: density (x 1/density, "
                 "the paper) | l1 (match the task vector's L1 norm, as mergekit) | none.",
                 choices=("density", "l1", "none"))
 
 
-@dataclass(frozen=True)
-class Method:
-    """One merge method. `base`: 'reference' (optional; only the source of config and
-    tokenizer), 'v0' (slerp: the base is the first endpoint), 'required' (task vectors)."""
+# A merge method is a registry entry whose implementation is its per-tensor function
+# `fn(job) -> tensor`; `info` carries `base` ('reference': optional, only the source of
+# config and tokenizer; 'v0': slerp's first endpoint; 'required': task vectors),
+# `weighted`, `seeded` (uses --seed, recorded only then), `min_models`, `max_models`.
+METHODS = Registry("merge method", "--method")
+Method = Entry  # a registered merge method
 
-    name: str
-    summary: str
-    fn: Callable[["Job"], Any]
-    params: tuple[Param, ...] = ()
-    base: str = "reference"
-    weighted: bool = True
-    seeded: bool = False  # uses --seed (recorded in alignkit.json only then)
-    min_models: int = 1
-    max_models: int | None = None
+_INFO = dict(base="reference", weighted=True, seeded=False, min_models=1, max_models=None,
+             zero_weight_sum_ok=True)
 
 
-METHODS: dict[str, Method] = {}
-
-
-def register(name: str, summary: str, **kw) -> Callable:
+def register(name: str, summary: str, *, params: tuple[Param, ...] = (), **info) -> Callable:
     """Decorator: add a per-tensor merge function to METHODS."""
-    def deco(fn):
-        METHODS[name] = Method(name, summary, fn, **kw)
-        return fn
-    return deco
+    unknown = set(info) - set(_INFO)
+    if unknown:
+        raise TypeError(f"unknown merge-method info: {', '.join(sorted(unknown))}")
+    return METHODS.register(name, summary, params=params, reads="models", writes="model",
+                            **{**_INFO, **info})
 
 
 def all_params() -> dict[str, Param]:
     """Every declared parameter by name (one declaration per name across methods)."""
-    out: dict[str, Param] = {}
-    for m in METHODS.values():
-        for p in m.params:
-            out.setdefault(p.name, p)
-    return out
+    return METHODS.params()
 
 
 def param_help(name: str) -> str:
-    p = all_params()[name]
-    users = [m.name for m in METHODS.values() if p in m.params]
-    return f"{p.help} [{', '.join(users)}; default {p.default}]"
+    return METHODS.param_help(name)
 
 
 def methods_help() -> str:
-    return "; ".join(f"{m.name}: {m.summary}" for m in METHODS.values())
+    return METHODS.summary_line()
 
 
 @dataclass
@@ -143,7 +94,7 @@ def _weighted_sum(job: Job, scale: float = 1.0, minus=None):
 
 
 @register("linear", "weighted mean sum(w_i theta_i)/sum(w_i) (the SALSA soup)", params=(NORMALIZE,),
-          min_models=2)
+          min_models=2, zero_weight_sum_ok=False)
 def _linear(job: Job):
     return _weighted_sum(job, 1.0 / sum(job.weights) if job.p["normalize"] else 1.0)
 
@@ -337,9 +288,7 @@ def build_config(method: str, models: list[str], *, base: str | None = None,
                  weights: list[float] | None = None, params: dict[str, Any] | None = None,
                  seed: int = 0, dtype: str = "auto", max_shard_size: str | int = "2GB") -> MergeConfig:
     """Check a merge request against the method's declaration; fill the defaults."""
-    if method not in METHODS:
-        raise UsageError(f"unknown merge method {method!r}; known: {', '.join(METHODS)}")
-    m = METHODS[method]
+    m = METHODS.get(method)
     given = {k: v for k, v in (params or {}).items() if v is not None}
     own = {p.name: p for p in m.params}
     for k in given:
@@ -365,7 +314,7 @@ def build_config(method: str, models: list[str], *, base: str | None = None,
         raise UsageError(f"--weights has {len(w)} values for {n} models")
     if not all(math.isfinite(x) for x in w):
         raise UsageError("--weights must be finite numbers")
-    if values.get("normalize") and abs(sum(w)) < 1e-12 and method == "linear":
+    if values.get("normalize") and abs(sum(w)) < 1e-12 and not m.zero_weight_sum_ok:
         raise UsageError("--weights sum to 0: cannot normalise (use --no-normalize)")
     if dtype not in _DTYPES:
         raise UsageError(f"--dtype must be auto, float32, bfloat16 or float16, got {dtype!r}")
