@@ -16,7 +16,7 @@ from typing import Any
 
 from . import console
 from .errors import DataError, UsageError
-from .generation import (SampleParams, _check_same_vocab, _pad_id, completion_logps,
+from .generation import (SampleParams, check_same_vocab, pad_id, completion_logps,
                          encode_prompt, render_prompt, sample, sample_vllm, token_logps,
                          vllm_available)
 from .records import Text
@@ -111,8 +111,8 @@ def given_answer(record: dict):
 
 
 def _check_text(value, field_name: str) -> None:
-    from .records import _TEXT, _check
-    _check(value, _TEXT, field_name)
+    from .records import check_text
+    check_text(value, field_name)
 
 
 def remove_context(prompt: Text, context) -> Text:
@@ -284,7 +284,7 @@ class _Pipeline:
         if opts.mode == "mixture":
             self.ref, _ = load_causal_lm(opts.mixture, opts.dtype, allow_pickle=opts.allow_pickle,
                                          trust_remote_code=opts.trust_remote_code, device=device)
-            _check_same_vocab(self.model, self.ref)
+            check_same_vocab(self.model, self.ref)
             extra["mixture"] = {"ref": opts.mixture, "ref_sha256": model_sha256(opts.mixture),
                                 "alpha": opts.alpha}
         elif opts.mode == "reference":
@@ -399,7 +399,7 @@ class _Pipeline:
         full_ids = [encode_prompt(self.tok, self._render(r["prompt"])) for r in records]
         neg_lp = token_logps(self.model, [(full_ids[i], s["token_ids"]) for i, g in enumerate(neg)
                                           for s in g],
-                             batch_size=self.opts.params.batch_size * n, pad_id=_pad_id(self.tok))
+                             batch_size=self.opts.params.batch_size * n, pad_id=pad_id(self.tok))
         out = []
         for i, rec in enumerate(records):
             p = rec["prompt"]

@@ -148,14 +148,14 @@ def _left_pad(seqs: list[list[int]], pad_id: int, device):
     return ids.to(device), mask.to(device), pos.to(device)
 
 
-def _pad_id(tokenizer) -> int:
+def pad_id(tokenizer) -> int:
     for t in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0):
         if t is not None:
             return int(t)
     return 0
 
 
-def _check_same_vocab(model, ref_model) -> None:
+def check_same_vocab(model, ref_model) -> None:
     a = model.get_output_embeddings().weight.shape[0]
     b = ref_model.get_output_embeddings().weight.shape[0]
     if a != b:
@@ -335,13 +335,13 @@ def sample(model, tokenizer, prompts: list, params: SampleParams, *, system: str
     if ref_model is not None:
         if not 0.0 <= alpha <= 1.0:
             raise UsageError(f"--alpha must be in [0, 1], got {alpha}")
-        _check_same_vocab(model, ref_model)
+        check_same_vocab(model, ref_model)
     if keys is None:
         keys = [str(i) for i in range(len(prompts))]
     if len(keys) != len(prompts):
         raise ValueError("keys must have one entry per prompt")
     encoded = [encode_prompt(tokenizer, render_prompt(tokenizer, p, system, raw)) for p in prompts]
-    stops, pad = stop_token_ids(model, tokenizer), _pad_id(tokenizer)
+    stops, pad = stop_token_ids(model, tokenizer), pad_id(tokenizer)
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
     results: list[list[dict] | None] = [None] * len(prompts)
 
@@ -425,7 +425,7 @@ def completion_logps(model, tokenizer, rendered_prompts: list[str], completions:
         raise ValueError("rendered_prompts and completions must have the same length")
     flags = add_eos if isinstance(add_eos, list) else [add_eos] * len(completions)
     pairs = [encode_pair(tokenizer, p, c, e) for p, c, e in zip(rendered_prompts, completions, flags)]
-    per = token_logps(model, pairs, batch_size=batch_size, pad_id=_pad_id(tokenizer))
+    per = token_logps(model, pairs, batch_size=batch_size, pad_id=pad_id(tokenizer))
     return per if per_token else [float(sum(x)) for x in per]
 
 

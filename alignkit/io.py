@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-from .errors import DataError, UsageError
+from .errors import AlignkitError, DataError, UsageError
 from .records import validate
 
 MAX_LINE_BYTES = int(float(os.environ.get("ALIGNKIT_MAX_LINE_MB", "16")) * 1024 * 1024)
@@ -182,29 +182,81 @@ def dumps(record: Any) -> str:
 
 # --- atomic outputs --------------------------------------------------------------------
 
-@contextlib.contextmanager
-def atomic_file(path: str | os.PathLike, mode: str = "w"):
-    """Write a file under a temp name in its directory; rename on success only."""
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def is_special(path: str | os.PathLike) -> bool:
+    """Whether `path` names something that is not a regular file nor absent: a device
+    (`/dev/null`), a FIFO, a socket, or `/dev/stdout`-style links to one. Those are
+    written in place, never replaced by a rename."""
+    try:
+        st = os.stat(path)  # follows symlinks
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return False
+    import stat
+    return not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode))
+
+
+def check_output_file(path: str | os.PathLike) -> Path:
+    """Check that a file output can be written (before any work); returns the path to
+    write: the file a symlink points to, so the link itself stays. UsageError for a
+    folder, a missing or unwritable parent folder."""
     path = Path(path)
+    if path.is_symlink() and not is_special(path):
+        path = Path(os.path.realpath(path))
+    if is_special(path):
+        if not os.access(path, os.W_OK):
+            raise UsageError(f"{path}: not writable")
+        return path
+    if path.is_dir():
+        raise UsageError(f"{path} is a folder; give a file path")
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.is_dir():
         raise UsageError(f"{path}: directory {parent} does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent)
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"{path}: directory {parent} is not writable")
+    return path
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike, mode: str = "w"):
+    """Write a file under a temp name in its directory; rename on success only.
+
+    The final file gets the permissions a plain `open()` would give (0666 less the
+    umask). A device, FIFO or socket (`/dev/null`, `/dev/stdout`) is written in place
+    and never replaced; a symlink to a regular file replaces the file it points to.
+    """
+    target = check_output_file(path)
+    text_kw = {} if "b" in mode else {"encoding": "utf-8", "newline": "\n"}
+    if is_special(target):
+        with open(target, mode, **text_kw) as f:
+            yield f
+        return
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    except OSError as e:
+        raise AlignkitError(f"{path}: cannot write: {e.strerror}") from None
     os.close(fd)
     try:
-        if str(path).endswith(".gz") and "b" not in mode:
+        os.chmod(tmp, 0o666 & ~_umask())
+        if str(target).endswith(".gz") and "b" not in mode:
             # mtime=0: same records -> byte-identical file (determinism).
             raw = open(tmp, "wb")
             f = io.TextIOWrapper(gzip.GzipFile(fileobj=raw, mode="wb", mtime=0),
                                  encoding="utf-8", newline="\n")
         else:
             raw = None
-            f = open(tmp, mode, **({} if "b" in mode else {"encoding": "utf-8", "newline": "\n"}))
+            f = open(tmp, mode, **text_kw)
         with f:
             yield f
         if raw is not None:
             raw.close()
-        os.replace(tmp, path)
+        os.replace(tmp, target)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
@@ -260,8 +312,15 @@ def atomic_dir(path: str | os.PathLike, force: bool = False):
         raise UsageError(f"{path} already exists (use --force to replace it)")
     parent = path.parent if str(path.parent) else Path(".")
     parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent))
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"{path} exists and is not a folder: refusing to replace a file "
+                         "with a folder")
     try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent))
+    except OSError as e:
+        raise AlignkitError(f"{path}: cannot create the folder: {e.strerror}") from None
+    try:
+        os.chmod(tmp, 0o777 & ~_umask())
         yield tmp
         if path.exists():
             old = parent / f".{path.name}.{os.getpid()}.old"
@@ -315,7 +374,7 @@ def manifest(*, inputs: dict[str, str] | None = None, seed: int | None = None,
 
 def write_manifest(output: str, data: dict) -> None:
     """Write `<output>.alignkit.json` beside a file output (skipped for stdout)."""
-    if output == "-":
+    if output == "-" or is_special(output):
         return
     with atomic_file(f"{output}.alignkit.json") as f:
         json.dump(data, f, indent=2, ensure_ascii=False, default=str)

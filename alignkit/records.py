@@ -244,6 +244,11 @@ def derive_id(prompt: Any) -> str:
     return "p-" + hashlib.sha256(canon.encode("utf-8")).hexdigest()[:16]
 
 
+def check_text(value: Any, field: str) -> None:
+    """Validate a prompt/completion value (a string or a non-empty message list)."""
+    _check(value, _TEXT, field)
+
+
 def schema(kind: str) -> dict:
     """The JSON Schema (draft 2020-12) of a record kind."""
     return {"$schema": "https://json-schema.org/draft/2020-12/schema", **SCHEMAS[kind]}

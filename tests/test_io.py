@@ -153,3 +153,82 @@ def test_shards_partition_ids():
     parts = [[i for i in ids if in_shard(i, (k, 3))] for k in range(3)]
     assert sorted(sum(parts, [])) == sorted(ids)
     assert all(50 < len(p) < 150 for p in parts)
+
+
+# --- outputs that are not regular files, links and permissions ----------------------------
+
+def test_a_character_device_is_written_in_place_never_replaced(tmp_path):
+    import stat
+    from alignkit.io import RecordWriter, write_manifest
+    dev = tmp_path / "null"
+    os.mknod(dev, 0o666 | stat.S_IFCHR, os.makedev(1, 3))  # a /dev/null of our own
+    with RecordWriter(str(dev)) as w:
+        w.write({"id": "a"})
+    write_manifest(str(dev), {"x": 1})
+    assert stat.S_ISCHR(os.stat(dev).st_mode)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["null"]  # no temp file, no manifest
+
+
+def test_a_fifo_is_streamed_into(tmp_path):
+    import stat
+    import threading
+    from alignkit.io import RecordWriter
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    got = []
+    t = threading.Thread(target=lambda: got.append(open(fifo).read()))
+    t.start()
+    with RecordWriter(str(fifo)) as w:
+        w.write({"id": "a"})
+    t.join(10)
+    assert got == ['{"id": "a"}\n'] and stat.S_ISFIFO(os.stat(fifo).st_mode)
+
+
+def test_a_symlink_replaces_the_file_it_points_to(tmp_path):
+    from alignkit.io import RecordWriter
+    real = tmp_path / "real.jsonl"
+    real.write_text("old\n")
+    link = tmp_path / "link.jsonl"
+    link.symlink_to(real)
+    with RecordWriter(str(link)) as w:
+        w.write({"id": "b"})
+    assert link.is_symlink() and real.read_text() == '{"id": "b"}\n'
+
+
+def test_outputs_follow_the_umask(tmp_path):
+    from alignkit.io import RecordWriter, atomic_dir
+    old = os.umask(0o022)
+    try:
+        with RecordWriter(str(tmp_path / "o.jsonl")) as w:
+            w.write({"id": "a"})
+        with atomic_dir(tmp_path / "folder") as d:
+            (d / "x").write_text("1")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "o.jsonl").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "folder").stat().st_mode & 0o777 == 0o755
+
+
+@pytest.mark.parametrize("make, msg", [
+    (lambda p: p.mkdir(), "is a folder"),
+    (lambda p: None, "does not exist"),
+])
+def test_bad_output_paths_are_usage_errors_naming_the_path(tmp_path, make, msg):
+    from alignkit.errors import UsageError
+    from alignkit.io import RecordWriter
+    target = tmp_path / "out.jsonl" if msg != "does not exist" else tmp_path / "no" / "o.jsonl"
+    make(target)
+    with pytest.raises(UsageError, match=msg):
+        with RecordWriter(str(target)) as w:
+            w.write({"id": "a"})
+
+
+def test_a_file_is_never_replaced_by_a_folder(tmp_path):
+    from alignkit.errors import UsageError
+    from alignkit.io import atomic_dir
+    f = tmp_path / "data.jsonl"
+    f.write_text("keep\n")
+    with pytest.raises(UsageError, match="not a folder"):
+        with atomic_dir(f, force=True):
+            pass
+    assert f.read_text() == "keep\n"
