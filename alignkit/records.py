@@ -32,6 +32,15 @@ class PromptRecord(TypedDict):
     meta: NotRequired[dict[str, Any]]
 
 
+class CompletionRecord(TypedDict):
+    """prompt+completion (an SFT target or a given answer)."""
+    id: NotRequired[str]
+    prompt: Text
+    completion: Text
+    meta: NotRequired[dict[str, Any]]
+    finished: NotRequired[bool]
+
+
 class Completion(TypedDict):
     text: Text
     logp: NotRequired[float]
@@ -137,6 +146,15 @@ SCHEMAS: dict[str, dict] = {
         "properties": {"id": _ID, "prompt": _TEXT, "completion": _TEXT,
                        "label": {"type": "boolean"}, "finished": {"type": "boolean"}},
     },
+    # prompt+completion: an SFT target, a given answer for distill, or a reference
+    # answer (id optional, as for prompt records)
+    "completion": {
+        "title": "completion",
+        "type": "object",
+        "required": ["prompt", "completion"],
+        "properties": {"id": _ID, "prompt": _TEXT, "completion": _TEXT, "meta": _META,
+                       "finished": {"type": "boolean"}},
+    },
 }
 # A ranking is a samples record whose completions are sorted best first, all scored.
 SCHEMAS["ranking"] = {
@@ -228,13 +246,16 @@ def validate(record: Any, kind: str) -> dict:
 
 
 def detect_kind(record: dict) -> str:
-    """Guess a record's kind from its keys (pair > samples > unpaired > prompt)."""
+    """A record's kind from its keys: the one kind detector (pair > samples > unpaired >
+    completion (prompt+completion) > prompt)."""
+    if not isinstance(record, dict):
+        raise DataError(f"expected a JSON object, got {type(record).__name__}")
     if "chosen" in record or "rejected" in record:
         return "pair"
     if "completions" in record:
         return "samples"
-    if "completion" in record and "label" in record:
-        return "unpaired"
+    if "completion" in record:
+        return "unpaired" if "label" in record else "completion"
     return "prompt"
 
 

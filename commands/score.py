@@ -27,7 +27,7 @@ def score(
     scorer: List[str] = scorer_opt(),
     weights: Optional[str] = typer.Option(None, "--weights", metavar="W,W",
                                           help="Comma-separated weights, one per --scorer (default 1 each)."),
-    chunk: int = typer.Option(64, "--chunk", help="Records scored at a time (bounds memory)."),
+    chunk: int = typer.Option(64, "--chunk", min=1, help="Records scored at a time (bounds memory)."),
     dtype: str = dtype_opt(),
     shard: Optional[str] = shard_opt(),
     allow_pickle: bool = allow_pickle_opt(),
@@ -48,47 +48,23 @@ def score(
     import time
 
     from alignkit import console
-    from alignkit.errors import DataError, UsageError
     from alignkit.io import (RecordWriter, file_sha256, in_shard, manifest, parse_shard,
                              read_records, write_manifest)
-    from alignkit.records import detect_kind, validate
+    from alignkit.recordset import checked, stream
 
     started = time.time()
-    if chunk < 1:
-        raise UsageError("--chunk must be >= 1")
     shard_spec = parse_shard(shard)
     reader = read_records(input)
     combined = scoring.build(scorer, weights, dtype=dtype, allow_pickle=allow_pickle,
                              trust_remote_code=trust_remote_code)
 
-    n_records = 0
-    batch: list[dict] = []
-    where: list[tuple[str, int]] = []
-    with RecordWriter(output) as out, console.progress("scoring") as bar:
-        def flush():
-            out.write_all(combined.score_records(batch, where))
-            bar.advance(len(batch))
-            batch.clear()
-            where.clear()
+    def process(batch):
+        return combined.score_records([rec for rec, _ in batch], [loc for _, loc in batch])
 
-        for rec in reader:
-            loc = (reader.name, reader.line)
-            kind = detect_kind(rec)
-            try:
-                if kind not in ("samples", "pair"):
-                    raise DataError(f"expected a samples or pair record, got a {kind} record")
-                validate(rec, kind)
-            except DataError as e:
-                raise e.at(*loc) from None
-            if not in_shard(rec["id"], shard_spec):
-                continue
-            batch.append(rec)
-            where.append(loc)
-            n_records += 1
-            if len(batch) >= chunk:
-                flush()
-        if batch:
-            flush()
+    items = ((rec, (reader.name, line)) for rec, _, line in checked(reader, ("samples", "pair"))
+             if in_shard(rec["id"], shard_spec))
+    with RecordWriter(output) as out, console.progress("scoring") as bar:
+        n_records = stream(items, process, out.write_all, chunk=chunk, progress=bar.advance)
 
     stats = combined.stats
     total = stats["completions"]

@@ -45,7 +45,7 @@ from collections import Counter, defaultdict
 from typing import Any, Callable, Sequence
 
 from ..errors import DataError, UsageError
-from ..records import derive_id
+from ..records import derive_id, detect_kind
 from ..registry import Registry
 from .base import Item, Scorer
 from .pairwise import win_probabilities
@@ -127,15 +127,6 @@ def calibrated(r: float, ref_sorted: Sequence[float]) -> float:
     return (lo + 0.5 * (hi - lo)) / len(ref_sorted)
 
 
-def _record_kind(rec: Any) -> str:
-    if isinstance(rec, dict) and "completions" in rec:
-        return "samples"
-    if isinstance(rec, dict) and "chosen" in rec and "rejected" in rec:
-        return "pair"
-    raise DataError("expected a samples record (completions) or a pair record "
-                    "(chosen, rejected)")
-
-
 class CombinedScorer:
     """Several scorers with weights (and optional hybrid routing and calibration)."""
 
@@ -193,10 +184,10 @@ class CombinedScorer:
         owners: list[tuple[int, Any]] = []  # (record index, completion index | side)
         for r, rec in enumerate(records):
             where = locations[r] if locations else (None, None)
-            try:
-                kind = _record_kind(rec)
-            except DataError as e:
-                raise e.at(*where) from None
+            kind = detect_kind(rec) if isinstance(rec, dict) else None
+            if kind not in ("samples", "pair"):
+                raise DataError("expected a samples record (completions) or a pair record "
+                                "(chosen, rejected)").at(*where)
             meta = rec.get("meta") or {}
             if kind == "samples":
                 for c, comp in enumerate(rec["completions"]):
