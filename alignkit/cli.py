@@ -130,6 +130,8 @@ def main(argv: list[str] | None = None) -> int:
             code = rv
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        if _click_saw_broken_pipe():
+            code = _quiet_broken_pipe()
     except AlignkitError as e:
         if _STATE["debug"]:
             import traceback
@@ -169,6 +171,12 @@ def main(argv: list[str] | None = None) -> int:
 def threading_main() -> bool:
     import threading
     return threading.current_thread() is threading.main_thread()
+
+
+def _click_saw_broken_pipe() -> bool:
+    """click turns a closed stdout pipe (EPIPE) into exit 1 and wraps sys.stdout in its
+    PacifyFlushWrapper; a closed downstream pipe is a normal end for alignkit (exit 0)."""
+    return type(sys.stdout).__name__ == "PacifyFlushWrapper"
 
 
 def _quiet_broken_pipe() -> int:

@@ -123,3 +123,18 @@ def test_cli_reference_is_current():
     from alignkit.docs import render
     committed = (ROOT / "docs" / "cli.md").read_text()
     assert committed == render(), "docs/cli.md is stale: run `make docs`"
+
+
+def test_a_closed_downstream_pipe_is_exit_0_every_time(tmp_path):
+    """`alignkit ... | head` under `set -o pipefail` (Make, cron): exit 0, nothing on
+    stderr, however early or late the pipe closes."""
+    big = tmp_path / "big.jsonl"
+    with open(big, "w") as f:
+        for i in range(20000):
+            f.write(json.dumps({"id": f"a{i}", "prompt": "p", "completions": [{"text": "hi there"}]}) + "\n")
+    exe = Path(sys.executable).parent / "alignkit"
+    for i in range(8):
+        cut = "head -1" if i % 2 else "head -c 1"
+        p = subprocess.run(["bash", "-c", f"set -o pipefail; '{exe}' score --scorer length '{big}' | {cut} > '{tmp_path / "head.out"}'"],
+                           capture_output=True, text=True, timeout=120)
+        assert p.returncode == 0 and p.stderr == "", (i, p.returncode, p.stderr)
