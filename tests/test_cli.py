@@ -135,6 +135,7 @@ def test_a_closed_downstream_pipe_is_exit_0_every_time(tmp_path):
     exe = Path(sys.executable).parent / "alignkit"
     for i in range(8):
         cut = "head -1" if i % 2 else "head -c 1"
-        p = subprocess.run(["bash", "-c", f"set -o pipefail; '{exe}' score --scorer length '{big}' | {cut} > '{tmp_path / "head.out"}'"],
+        sink = tmp_path / "head.out"
+        p = subprocess.run(["bash", "-c", f"set -o pipefail; '{exe}' score --scorer length '{big}' | {cut} > '{sink}'"],
                            capture_output=True, text=True, timeout=120)
         assert p.returncode == 0 and p.stderr == "", (i, p.returncode, p.stderr)
