@@ -69,7 +69,7 @@ def _bar_checks(metrics: dict, path: Path) -> bool:
 
 def _reward_vs_kl(metrics: dict, path: Path) -> bool:
     cmps = metrics.get("comparisons") or {}
-    pts = [(c["kl"]["k3_mean"], metrics["models"][label]["score"]["mean"], label)
+    pts = [(c["kl"].get("exact_mean", c["kl"]["k3_mean"]), metrics["models"][label]["score"]["mean"], label)
            for label, c in cmps.items() if c.get("kl") and metrics["models"][label].get("score")]
     if len(pts) < 2:
         return False
@@ -78,7 +78,7 @@ def _reward_vs_kl(metrics: dict, path: Path) -> bool:
     ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-")
     for x, y, label in pts:
         ax.annotate(label, (x, y), fontsize=8)
-    ax.set_xlabel("KL(model || baseline), k3, nats")
+    ax.set_xlabel("KL(model || baseline) per sequence, nats (temperature-1 samples)")
     ax.set_ylabel("mean score")
     ax.set_title("Reward vs KL")
     return _save(fig, path)
@@ -150,7 +150,9 @@ def markdown(metrics: dict, plots: list[str]) -> str:
             lines.append(f"- length-controlled win rate: {100 * c['lc_win_rate']['lc_win_rate']:.1f}%")
         if c.get("kl"):
             k = c["kl"]
-            lines.append(f"- KL(model‖baseline), sequence level: k1 {k['k1_mean']:.3f} ± {k['k1_se']:.3f}, "
+            exact = (f"exact {k['exact_mean']:.3f} ± {k['exact_se']:.3f}, " if "exact_mean" in k else "")
+            lines.append(f"- KL(model‖baseline) per sequence, on {k['n']} samples drawn from the model at "
+                         f"temperature 1: {exact}k1 {k['k1_mean']:.3f} ± {k['k1_se']:.3f}, "
                          f"k3 {k['k3_mean']:.3f} ± {k['k3_se']:.3f} nats")
         if c.get("topk_entropy_bits") is not None:
             lines.append(f"- top-10 entropy {c['topk_entropy_bits']:.3f} bits, top-10 mass {c['topk_mass']:.3f}")

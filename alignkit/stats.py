@@ -256,6 +256,15 @@ def length_controlled_win_rate(scores_m: Sequence[float] | np.ndarray,
 
 # --------------------------------------------------------------------------- KL
 
+def mean_se(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and standard error std(ddof=1)/sqrt(n) (0 when n = 1)."""
+    a = np.asarray(values, dtype=np.float64).reshape(-1)
+    if a.size == 0:
+        raise DataError("no values")
+    se = float(a.std(ddof=1) / np.sqrt(a.size)) if a.size > 1 else 0.0
+    return float(a.mean()), se
+
+
 def kl_estimates(logp_policy_tokens: Sequence[Sequence[float]],
                  logp_ref_tokens: Sequence[Sequence[float]]) -> dict[str, float | int]:
     """Sequence-level Monte-Carlo estimates of KL(π ‖ π_ref) from policy samples.

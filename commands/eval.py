@@ -25,7 +25,8 @@ def eval_cmd(
     batch_size: int = typer.Option(16, "--batch-size"),
     system: str = typer.Option(None, "--system", help="System message for string prompts."),
     limit: int = typer.Option(0, "--limit", help="Evaluate only the first N prompts (0 = all)."),
-    no_kl: bool = typer.Option(False, "--no-kl", help="Skip KL and entropy (saves a forward pass)."),
+    no_kl: bool = typer.Option(False, "--no-kl", help="Skip KL and entropy (saves sampling and a forward pass)."),
+    kl_samples: int = typer.Option(1, "--kl-samples", min=1, help="Completions per prompt drawn at temperature 1 for KL(model||baseline), whatever --temperature is."),
     n_boot: int = typer.Option(1000, "--n-boot", help="Bootstrap resamples for intervals."),
     report: str = typer.Option(None, "--report", help="Write report.md, metrics.json and PNG plots here."),
     training_metrics: list[str] = typer.Option(None, "--training-metrics", help="metrics.jsonl to plot (repeatable)."),
@@ -60,7 +61,7 @@ def eval_cmd(
         raise UsageError("--baseline/--baseline-samples need --model")
     opts = EvalOptions(scorers=list(scorer), weights=w, n=num_samples, temperature=temperature,
                        top_p=top_p, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                       seed=seed, dtype=dtype, system=system, n_boot=n_boot, kl=not no_kl,
+                       seed=seed, dtype=dtype, system=system, n_boot=n_boot, kl=not no_kl, kl_samples=kl_samples,
                        scoring=scoring)
     kind = "prompt" if model else "samples"
     records = load_records(data, kind, unique_ids=True)
@@ -120,7 +121,7 @@ def _table(metrics: dict) -> None:
         if c.get("win_rate"):
             parts.append(f"win rate {100 * c['win_rate']['win_rate']:.1f}%")
         if c.get("kl"):
-            parts.append(f"KL k3 {c['kl']['k3_mean']:.3f}")
+            parts.append(f"KL {c['kl'].get('exact_mean', c['kl']['k3_mean']):.3f} nats (T=1 samples)")
         console.info(f"{label} vs baseline: " + ", ".join(parts))
 
 
