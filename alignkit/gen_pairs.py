@@ -1,7 +1,7 @@
 """The `gen-pairs` pipeline: prompts in, samples (or pair) records out.
 
 Built on the sampler in `alignkit.generation`: samples records, and the pairing modes of
-DESIGN.md / ALGORITHMS.md (SePPO pairs against a reference, the Nash-MD / IPO-MD
+DESIGN.md / ALGORITHMS.md (given answer vs a reference sample, the Nash-MD / IPO-MD
 geometric mixture, context-contrast negatives), plus `--shard` and `--resume-from`.
 torch and transformers are imported inside functions only.
 """
@@ -366,8 +366,10 @@ class _Pipeline:
                                 batch_size=self.opts.params.batch_size)
 
     def _reference_pairs(self, records, keys, task) -> list[dict]:
-        """SePPO: chosen = the given answer, rejected = a sample from REF; both sides'
-        log-probabilities under REF."""
+        """Given answer vs reference sample (SPIN-style data: chosen = the given answer,
+        rejected = a sample from REF); both sides' log-probabilities under REF. This is
+        not SePPO: SePPO draws its references from past policy checkpoints during
+        training and flips the label by the anchor's likelihood."""
         n = self.opts.params.n
         groups = self._sample([r["prompt"] for r in records], keys, task)
         answers = [given_answer(r) for r in records]

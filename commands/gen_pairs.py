@@ -27,8 +27,9 @@ def gen_pairs(
     engine: str = typer.Option("hf", "--engine", help="hf | vllm (vllm: the optional extra, plain sampling)."),
     pair_with_reference: str = typer.Option(
         None, "--pair-with-reference", metavar="REF",
-        help="SePPO pairs: chosen = the record's given answer (meta.chosen or chosen), rejected = "
-             "a sample from REF (which replaces --model); ref_logp_* under REF."),
+        help="SPIN-style pairs: chosen = the record's given answer (meta.chosen or chosen), "
+             "rejected = a sample from REF (which replaces --model); ref_logp_* under REF. "
+             "(Not SePPO: no past checkpoints, no adaptive flip.)"),
     mixture: str = typer.Option(
         None, "--mixture", metavar="REF",
         help="Nash-MD / IPO-MD: sample from softmax((1-A)*logits_model + A*logits_REF)."),
