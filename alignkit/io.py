@@ -300,6 +300,28 @@ class RecordWriter:
         return False
 
 
+def check_output_dir(path: str | os.PathLike, force: bool = False, *,
+                     empty_ok: bool = False) -> Path:
+    """Check a folder output before any work: an existing file is never replaced by a
+    folder; an existing folder needs `force` (or, with `empty_ok`, to be empty); the
+    nearest existing parent must be a writable folder. UsageError otherwise."""
+    path = Path(path)
+    if path.exists() or path.is_symlink():
+        if not path.is_dir():
+            raise UsageError(f"{path} exists and is not a folder: refusing to replace a file "
+                             "with a folder")
+        if not force and not (empty_ok and not any(path.iterdir())):
+            raise UsageError(f"{path} already exists (use --force to replace it)")
+    parent = path.parent if str(path.parent) else Path(".")
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UsageError(f"{path}: {parent} is not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"{path}: folder {parent} is not writable")
+    return path
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike, force: bool = False):
     """Build a folder under a temp name beside `path`; move it into place on success.

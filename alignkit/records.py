@@ -233,6 +233,8 @@ def validate(record: Any, kind: str) -> dict:
     """Check `record` against the schema of `kind`; raise DataError naming the field.
 
     Prompt records without an `id` get one derived from the prompt (stable on reruns).
+    A `meta.checks` list is validated too (unknown check types, bad parameters), so a
+    bad check fails where the file is read, not after sampling or training.
     Returns the record (the same dict).
     """
     if kind not in SCHEMAS:
@@ -242,6 +244,10 @@ def validate(record: Any, kind: str) -> dict:
     if "id" not in record and "prompt" in record:
         record["id"] = derive_id(record["prompt"])
     _check(record, SCHEMAS[kind], "")
+    meta = record.get("meta")
+    if isinstance(meta, dict) and meta.get("checks") not in (None, []):
+        from .checks import validate_checks  # every reader refuses a bad check up front
+        validate_checks(meta["checks"])
     return record
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .io import atomic_dir
+from .io import atomic_dir, check_output_dir
 
 
 def _plt():
@@ -170,8 +170,11 @@ def markdown(metrics: dict, plots: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_report(metrics: dict, out_dir: str, metrics_files: list[str] | None = None) -> Path:
-    """Write report.md, metrics.json and the plots into `out_dir` (atomically)."""
+def write_report(metrics: dict, out_dir: str, metrics_files: list[str] | None = None, *,
+                 force: bool = False) -> Path:
+    """Write report.md, metrics.json and the plots into `out_dir` (atomically). An
+    existing non-empty folder is replaced only with `force`; a file never."""
+    check_output_dir(out_dir, force, empty_ok=True)
     with atomic_dir(out_dir, force=True) as tmp:
         plots = []
         for name, fn in (("scores.png", _bar_scores), ("checks.png", _bar_checks),

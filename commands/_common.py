@@ -33,8 +33,8 @@ def shard_opt():
     return typer.Option(None, "--shard", help="Process only shard I of N (I/N, by id hash).")
 
 
-def force_opt():
-    return typer.Option(False, "--force", help="Replace an existing output folder.")
+def force_opt(help: str = "Replace an existing output folder."):
+    return typer.Option(False, "--force", help=help)
 
 
 def allow_pickle_opt():

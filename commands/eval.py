@@ -5,7 +5,7 @@ import typer
 
 from alignkit.scorers.options import ScorerOptions  # light: a dataclass
 
-from ._common import dtype_opt, input_arg, seed_opt, with_params
+from ._common import dtype_opt, force_opt, input_arg, seed_opt, with_params
 from .score import scorer_opt
 
 
@@ -33,6 +33,7 @@ def eval_cmd(
     samples_out: str = typer.Option(None, "--samples-out", help="Also write the scored samples (JSONL; one file per model: PATH with the label inserted)."),
     seed: int = seed_opt(),
     dtype: str = dtype_opt(),
+    force: bool = force_opt("Replace an existing non-empty --report folder."),
     scoring: ScorerOptions = None,
 ) -> None:
     """Score models or samples and compare them: metrics JSON on stdout, a table on stderr.
@@ -50,15 +51,20 @@ def eval_cmd(
     from alignkit import console
     from alignkit.errors import UsageError
     from alignkit.evaluation import EvalOptions, evaluate, rm_pairs_accuracy
-    from alignkit.io import RecordWriter, load_records, manifest, write_manifest
+    from alignkit.io import (RecordWriter, check_output_dir, check_output_file, load_records,
+                             manifest, write_manifest)
+    from alignkit.scorers import parse_weights
     from alignkit.report import write_report
 
     started = time.time()
-    w = [float(x) for x in weights.split(",")] if weights else None
-    if w is not None and len(w) != len(scorer):
-        raise UsageError(f"--weights has {len(w)} values for {len(scorer)} scorers")
+    w = parse_weights(weights, len(scorer)) if weights else None
     if (baseline or baseline_samples) and not model:
         raise UsageError("--baseline/--baseline-samples need --model")
+    # every output path is checked before any model is loaded or any record read
+    if report:
+        check_output_dir(report, force, empty_ok=True)
+    if samples_out:
+        check_output_file(samples_out)
     opts = EvalOptions(scorers=list(scorer), weights=w, n=num_samples, temperature=temperature,
                        top_p=top_p, max_new_tokens=max_new_tokens, batch_size=batch_size,
                        seed=seed, dtype=dtype, system=system, n_boot=n_boot, kl=not no_kl, kl_samples=kl_samples,
@@ -81,7 +87,7 @@ def eval_cmd(
                 wr.write_all(recs)
             write_manifest(path, manifest(seed=seed, started=started, counts={"records": len(recs)}))
     if report:
-        write_report(metrics, report, list(training_metrics or []))
+        write_report(metrics, report, list(training_metrics or []), force=force)
     _table(metrics)
     typer.echo(json.dumps(metrics, indent=2, default=float))
     if report:

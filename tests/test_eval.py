@@ -108,3 +108,31 @@ def test_eval_bad_input(cli, tmp_path):
     assert r.code == 3 and "bad.jsonl:1: completions" in r.err
     assert cli(["eval", bad, "--baseline", "x"]).code == 2
     assert cli(["eval", bad, "--scorer", "rules", "--weights", "1,2"]).code == 2
+
+
+def test_eval_report_never_clobbers_and_bad_outputs_fail_first(cli, tmp_path, monkeypatch):
+    """An existing non-empty --report folder needs --force; a file there is never replaced;
+    a bad --samples-out or --report path fails before any evaluation runs."""
+    import alignkit.evaluation as ev
+    path = write_jsonl(tmp_path / "s.jsonl", _samples())
+    data = tmp_path / "data.jsonl"
+    data.write_text("precious\n")
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text("{}")
+    r = cli(["eval", path, "--report", data, "--n-boot", "10"])
+    assert r.code == 2 and "not a folder" in r.err and data.read_text() == "precious\n"
+    r = cli(["eval", path, "--report", model_dir, "--n-boot", "10"])
+    assert r.code == 2 and "--force" in r.err and (model_dir / "config.json").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no .old, no temp
+    r = cli(["eval", path, "--report", model_dir, "--force", "--n-boot", "10"])
+    assert r.code == 0 and (model_dir / "report.md").exists()
+
+    def boom(*a, **k):
+        raise AssertionError("evaluation ran before the output paths were checked")
+    monkeypatch.setattr(ev, "evaluate", boom)
+    for args in (["--samples-out", tmp_path / "missing" / "s.jsonl"],
+                 ["--samples-out", tmp_path],
+                 ["--report", tmp_path / "data.jsonl" / "sub"]):
+        r = cli(["eval", path, *args, "--n-boot", "10"])
+        assert r.code == 2, (args, r)
