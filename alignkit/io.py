@@ -182,6 +182,43 @@ def dumps(record: Any) -> str:
 
 # --- atomic outputs --------------------------------------------------------------------
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _temp_prefix(target: Path) -> str:
+    return f".{target.name}.{os.getpid()}."
+
+
+def sweep_stale_temps(target: str | os.PathLike) -> int:
+    """Remove the temp files/folders an earlier run killed with SIGKILL left beside
+    `target` (`.NAME.PID.xxxx.tmp` whose PID is no longer running); their count."""
+    target = Path(target)
+    parent = target.parent if str(target.parent) else Path(".")
+    pat = re.compile(rf"^\.{re.escape(target.name)}\.(\d+)\.[^/]*\.tmp$")
+    n = 0
+    try:
+        entries = list(parent.iterdir())
+    except OSError:
+        return 0
+    for e in entries:
+        m = pat.match(e.name)
+        if m and int(m.group(1)) != os.getpid() and not _alive(int(m.group(1))):
+            if e.is_dir() and not e.is_symlink():
+                shutil.rmtree(e, ignore_errors=True)
+            else:
+                with contextlib.suppress(OSError):
+                    e.unlink()
+            n += 1
+    return n
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
@@ -238,7 +275,8 @@ def atomic_file(path: str | os.PathLike, mode: str = "w"):
             yield f
         return
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+        sweep_stale_temps(target)
+        fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(target), suffix=".tmp", dir=target.parent)
     except OSError as e:
         raise AlignkitError(f"{path}: cannot write: {e.strerror}") from None
     os.close(fd)
@@ -338,7 +376,8 @@ def atomic_dir(path: str | os.PathLike, force: bool = False):
         raise UsageError(f"{path} exists and is not a folder: refusing to replace a file "
                          "with a folder")
     try:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent))
+        sweep_stale_temps(path)
+        tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(path), suffix=".tmp", dir=parent))
     except OSError as e:
         raise AlignkitError(f"{path}: cannot create the folder: {e.strerror}") from None
     try:

@@ -635,3 +635,44 @@ def test_smollm2_samples_stop_and_score(cli, smollm2, tmp_path):
                 assert abs(c["logp"] - want) < 1e-3
     assert finished >= 4
     assert "Paris" in " ".join(c["text"] for c in r.records[0]["completions"])
+
+
+def test_killed_at_random_points_then_resumed_gives_the_uninterrupted_records(tiny_model, tmp_path):
+    """SIGKILL gen-pairs (stdout redirected to a file, as under cron) at several random
+    moments, then rerun it with --resume-from that file: the result is exactly the
+    uninterrupted run's records, whatever the kill point."""
+    import random
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+    src = write_jsonl(tmp_path / "p.jsonl", [{"id": f"q{i}", "prompt": f"Give {i} tips."}
+                                             for i in range(40)])
+    exe = str(Path(sys.executable).parent / "alignkit")
+    args = [exe, "gen-pairs", "--model", str(tiny_model), "-n", "2", "--max-new-tokens", "12",
+            "--batch-size", "4", "--seed", "3", str(src)]
+    full = tmp_path / "full.jsonl"
+    started = time.monotonic()
+    with open(full, "w") as f:
+        subprocess.run(args, stdout=f, stderr=subprocess.DEVNULL, check=True, timeout=300)
+    duration = time.monotonic() - started
+    want = [json.loads(x) for x in full.read_text().splitlines()]
+    rng = random.Random(0)
+    kinds = set()
+    for trial in range(3):
+        out = tmp_path / f"out{trial}.jsonl"
+        with open(out, "w") as f:
+            p = subprocess.Popen(args, stdout=f, stderr=subprocess.DEVNULL)
+            time.sleep(rng.uniform(0.5, 0.97) * duration)
+            p.send_signal(signal.SIGKILL)
+            p.wait()
+        n_lines = len(out.read_text().splitlines())
+        kinds.add("empty" if n_lines == 0 else "partial" if n_lines < len(want) else "done")
+        again = tmp_path / f"again{trial}.jsonl"
+        with open(again, "w") as f:
+            subprocess.run([*args, "--resume-from", str(out)], stdout=f,
+                           stderr=subprocess.DEVNULL, check=True, timeout=300)
+        got = [json.loads(x) for x in again.read_text().splitlines()]
+        _same_records(got, [dict(w) for w in want])
+    assert kinds != {"empty"}, kinds  # at least one kill landed mid-file

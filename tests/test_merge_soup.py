@@ -401,3 +401,37 @@ def test_peft_adapter_inputs(cli, tmp_path, zoo):
     _adapter(zoo["base"], tmp_path / "dora", r=2, target_modules=["q_proj"], use_dora=True)
     r = cli(["merge-soup", tmp_path / "dora", zoo["a"], "-o", tmp_path / "o"])
     assert r.code == 2 and "DoRA" in r.err
+
+
+def test_killed_at_random_points_leaves_no_output_and_no_litter(zoo, tmp_path):
+    """SIGKILL merge-soup at random moments: the output folder is either absent or
+    complete, and the next run sweeps the killed run's temp folder away."""
+    import random
+    import signal
+    import subprocess
+    import sys
+    import time
+    exe = str(Path(sys.executable).parent / "alignkit")
+    out = tmp_path / "soup"
+    args = [exe, "merge-soup", "--method", "ties", "--base", str(zoo["base"]), str(zoo["a"]),
+            str(zoo["b"]), str(zoo["c"]), "-o", str(out), "--max-shard-size", "20KB"]
+    started = time.monotonic()
+    subprocess.run(args, check=True, capture_output=True, timeout=300)
+    duration = time.monotonic() - started
+    want = state(out)
+    rng = random.Random(1)
+    for trial in range(4):
+        import shutil
+        shutil.rmtree(out)
+        p = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(rng.uniform(0.6, 1.0) * duration)
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+        if out.exists():  # finished before the kill: complete
+            assert (out / "alignkit.json").exists()
+            assert_same(state(out), want)
+            continue
+        r = subprocess.run(args, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr
+        assert_same(state(out), want)
+        assert sorted(x.name for x in tmp_path.iterdir()) == ["soup"], list(tmp_path.iterdir())
