@@ -140,6 +140,12 @@ def main(argv: list[str] | None = None) -> int:
         code = e.exit_code
     except BrokenPipeError:
         code = _quiet_broken_pipe()
+    except OSError as e:  # a path the user gave: one clean line, no exception name
+        if _STATE["debug"]:
+            import traceback
+            traceback.print_exc()
+        typer.echo(f"Error: {_os_error_message(e)}", err=True)
+        code = 2 if isinstance(e, (IsADirectoryError, NotADirectoryError)) else 1
     except KeyboardInterrupt:
         typer.echo("Interrupted.", err=True)
         code = 130
@@ -166,6 +172,20 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError:
         pass
     return code
+
+
+def _os_error_message(e: OSError) -> str:
+    """`PATH: problem` for an OSError, naming the user's path rather than a temp file."""
+    import re
+    name = e.filename
+    if isinstance(name, (str, bytes, os.PathLike)):
+        name = os.fsdecode(name)
+        head, tail = os.path.split(name)
+        m = re.match(r"^\.(.+)\.\d+\.[^/]*\.tmp$", tail)
+        if m:  # the temp file of an atomic write: report the output it stands for
+            name = os.path.join(head, m.group(1))
+        return f"{name}: {e.strerror or e}"
+    return e.strerror or str(e)
 
 
 def threading_main() -> bool:

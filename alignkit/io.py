@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-from .errors import AlignkitError, DataError, UsageError
+from .errors import DataError, UsageError
 from .records import validate
 
 MAX_LINE_BYTES = int(float(os.environ.get("ALIGNKIT_MAX_LINE_MB", "16")) * 1024 * 1024)
@@ -278,7 +278,8 @@ def atomic_file(path: str | os.PathLike, mode: str = "w"):
         sweep_stale_temps(target)
         fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(target), suffix=".tmp", dir=target.parent)
     except OSError as e:
-        raise AlignkitError(f"{path}: cannot write: {e.strerror}") from None
+        e.filename = str(path)  # the CLI names the user's path, not the temp file
+        raise
     os.close(fd)
     try:
         os.chmod(tmp, 0o666 & ~_umask())
@@ -379,7 +380,8 @@ def atomic_dir(path: str | os.PathLike, force: bool = False):
         sweep_stale_temps(path)
         tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(path), suffix=".tmp", dir=parent))
     except OSError as e:
-        raise AlignkitError(f"{path}: cannot create the folder: {e.strerror}") from None
+        e.filename = str(path)
+        raise
     try:
         os.chmod(tmp, 0o777 & ~_umask())
         yield tmp

@@ -139,3 +139,22 @@ def test_a_closed_downstream_pipe_is_exit_0_every_time(tmp_path):
         p = subprocess.run(["bash", "-c", f"set -o pipefail; '{exe}' score --scorer length '{big}' | {cut} > '{sink}'"],
                            capture_output=True, text=True, timeout=120)
         assert p.returncode == 0 and p.stderr == "", (i, p.returncode, p.stderr)
+
+
+@pytest.mark.parametrize("exc, code", [
+    (PermissionError(13, "Permission denied"), 1),
+    (IsADirectoryError(21, "Is a directory"), 2),
+])
+def test_os_errors_are_one_clean_line_naming_the_users_path(cli, tmp_path, monkeypatch, exc, code):
+    import alignkit.io as aio
+    src = tmp_path / "s.jsonl"
+    src.write_text(json.dumps({"id": "a", "prompt": "p", "completions": [{"text": "x"}]}) + "\n")
+    out = tmp_path / "out.jsonl"
+    exc.filename = str(tmp_path / ".out.jsonl.4242.k3j9.tmp")  # the atomic writer's temp file
+
+    def fail(*a, **k):
+        raise exc
+    monkeypatch.setattr(aio.os, "replace", fail)
+    r = cli(["score", "--scorer", "length", src, "-o", out])
+    assert r.code == code, r
+    assert r.err.strip() == f"Error: {out}: {exc.strerror}", r.err
