@@ -435,9 +435,11 @@ def run_gen_pairs(input_path: str, output: str, opts: GenPairsOptions,
     """The whole `gen-pairs` command: read, skip what --resume-from has, sample in
     chunks (records are written and flushed chunk by chunk, in input order), write the
     manifest. Returns the manifest's counts."""
-    from .io import RecordWriter, manifest, write_manifest
+    from .io import RecordWriter, check_output_file, manifest, write_manifest
     started = time.time()
     opts.check()
+    if output != "-":
+        check_output_file(output)  # before the prompts are read or a model is loaded
     records, in_sha = read_prompts(input_path, opts)
     per_prompt = opts.params.n if opts.mode in ("reference", "contrast") else 1
     done = resume_state(opts.resume_from, per_prompt)

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from .errors import DataError, UsageError
-from .records import validate
+from .records import UNIQUE_ID_KINDS, validate
 
 MAX_LINE_BYTES = int(float(os.environ.get("ALIGNKIT_MAX_LINE_MB", "16")) * 1024 * 1024)
 _BOM = b"\xef\xbb\xbf"
@@ -109,12 +109,14 @@ class RecordReader:
     is an error (`allow_empty=True` to accept it).
     """
 
-    def __init__(self, path: str, kind: str | None = None, *, unique_ids: bool = False,
+    def __init__(self, path: str, kind: str | None = None, *, unique_ids: bool | None = None,
                  allow_empty: bool = False, max_line_bytes: int | None = None):
         self.path = path
         self.name = "<stdin>" if path == "-" else path
         self.kind = kind
-        self.unique_ids = unique_ids
+        # ids are unique in prompt and samples files (records.UNIQUE_ID_KINDS) unless
+        # the caller says otherwise
+        self.unique_ids = (kind in UNIQUE_ID_KINDS) if unique_ids is None else unique_ids
         self.allow_empty = allow_empty
         self.max_line_bytes = max_line_bytes or MAX_LINE_BYTES
         self.sha256: str | None = None

@@ -167,6 +167,10 @@ SCHEMAS["ranking"] = {
     },
 }
 KINDS = tuple(SCHEMAS)
+# Record kinds whose ids are unique within a file: one record per prompt. Pairs,
+# rankings, unpaired and prompt+completion records may share an id (several per prompt;
+# an id derived from the prompt repeats for every pair of that prompt).
+UNIQUE_ID_KINDS = frozenset({"prompt", "samples"})
 
 _TYPES = {
     "string": lambda v: isinstance(v, str),

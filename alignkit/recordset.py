@@ -13,14 +13,15 @@ Library functions take `Records` or lists of records; commands open the files.
 """
 from __future__ import annotations
 
+import contextlib
 import random
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator, Sequence
 
 from .errors import DataError, UsageError
-from .records import detect_kind, validate
+from .records import UNIQUE_ID_KINDS, detect_kind, validate
 
-__all__ = ["Records", "load", "stream", "checked", "split_indices"]
+__all__ = ["Records", "load", "stream", "checked", "validated", "split_indices"]
 
 
 @dataclass
@@ -90,6 +91,7 @@ def checked(reader, kinds: Sequence[str] | str | None = None,
     `one_kind` a file mixing kinds is an error. DataErrors are located."""
     wanted = (kinds,) if isinstance(kinds, str) else tuple(kinds or ())
     first = None
+    seen: set[str] = set()
     for rec in reader:
         try:
             kind = wanted[0] if len(wanted) == 1 else detect_kind(rec)
@@ -99,12 +101,57 @@ def checked(reader, kinds: Sequence[str] | str | None = None,
                 raise DataError(f"a {kind} record in a file of {first} records "
                                 "(one kind per file)")
             validate(rec, kind)
+            if kind in UNIQUE_ID_KINDS:
+                if rec["id"] in seen:
+                    raise DataError(f"duplicate id {rec['id']!r} (a {kind} file holds one "
+                                    "record per prompt)", field="id")
+                seen.add(rec["id"])
             if check is not None:
                 check(rec, kind)
         except DataError as e:
             raise e.at(reader.name, reader.line) from None
         first = first or kind
         yield rec, kind, reader.line
+
+
+@contextlib.contextmanager
+def validated(path: str, kinds: Sequence[str] | str | None = None, *,
+              check: Callable[[dict, str], None] | None = None):
+    """Validate a whole input before any work, then yield a fresh `RecordReader` over it.
+
+    For the streaming commands: a malformed line 10,000 fails (exit 3, path:line)
+    before a model is loaded or an output is started. Standard input is spooled to a
+    temporary file for the second pass (removed afterwards); its messages still say
+    `<stdin>`. The reader's `sha256` is the input's."""
+    import os
+    import shutil
+    import sys
+    import tempfile
+
+    from .io import read_records
+    spool = None
+    src = path
+    if path == "-":
+        from .io import stdin_is_terminal
+        if stdin_is_terminal():
+            raise UsageError("refusing to read records from a terminal: give an input path "
+                             "or pipe data in (use '-' for stdin)")
+        fd, spool = tempfile.mkstemp(prefix="alignkit-stdin-", suffix=".jsonl")
+        with os.fdopen(fd, "wb") as f:
+            shutil.copyfileobj(sys.stdin.buffer, f)
+        src = spool
+    try:
+        reader = read_records(src)
+        reader.name = "<stdin>" if path == "-" else reader.name
+        for _ in checked(reader, kinds, check, one_kind=False):
+            pass
+        again = read_records(src)
+        again.name = reader.name
+        yield again
+    finally:
+        if spool is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(spool)
 
 
 def load(path: str, kinds: Sequence[str] | str | None = None, *,

@@ -48,23 +48,29 @@ def score(
     import time
 
     from alignkit import console
-    from alignkit.io import (RecordWriter, file_sha256, in_shard, manifest, parse_shard,
-                             read_records, write_manifest)
-    from alignkit.recordset import checked, stream
+    from alignkit.io import (RecordWriter, check_output_file, file_sha256, in_shard, manifest,
+                             parse_shard, write_manifest)
+    from alignkit.recordset import checked, stream, validated
+    from alignkit.scorers import parse_spec, parse_weights
 
     started = time.time()
     shard_spec = parse_shard(shard)
-    reader = read_records(input)
-    combined = scoring.build(scorer, weights, dtype=dtype, allow_pickle=allow_pickle,
-                             trust_remote_code=trust_remote_code)
+    if output != "-":
+        check_output_file(output)  # before any record is read or a model loaded
 
     def process(batch):
         return combined.score_records([rec for rec, _ in batch], [loc for _, loc in batch])
 
-    items = ((rec, (reader.name, line)) for rec, _, line in checked(reader, ("samples", "pair"))
-             if in_shard(rec["id"], shard_spec))
-    with RecordWriter(output) as out, console.progress("scoring") as bar:
-        n_records = stream(items, process, out.write_all, chunk=chunk, progress=bar.advance)
+    parse_weights(weights, len(scorer))
+    for spec in scorer:  # spec errors first, before the input is read
+        parse_spec(spec)
+    with validated(input, ("samples", "pair")) as reader:
+        combined = scoring.build(scorer, weights, dtype=dtype, allow_pickle=allow_pickle,
+                                 trust_remote_code=trust_remote_code)
+        items = ((rec, (reader.name, line)) for rec, _, line in checked(reader, ("samples", "pair"))
+                 if in_shard(rec["id"], shard_spec))
+        with RecordWriter(output) as out, console.progress("scoring") as bar:
+            n_records = stream(items, process, out.write_all, chunk=chunk, progress=bar.advance)
 
     stats = combined.stats
     total = stats["completions"]
