@@ -78,7 +78,7 @@ class Param:
         if self.low is not None or self.high is not None:
             lo = "" if self.low is None else f"{self.low} {'<' if self.low_open else '<='} "
             hi = "" if self.high is None else f" <= {self.high}"
-            text += f" [{lo}x{hi}]"
+            text += f" ({lo}x{hi})"
         return text
 
     def coerce(self, value: Any) -> Any:
@@ -305,7 +305,7 @@ class Registry:
         p = self.params()[name]
         users = self.users(name)
         default = "" if p.default is None else f"; default {p.default}"
-        return f"{p.describe()} [{', '.join(users)}{default}]"
+        return f"{p.describe()} ({', '.join(users)}{default})"
 
     def summary_line(self) -> str:
         return "; ".join(f"{e.name}: {e.summary}" for e in self)

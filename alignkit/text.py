@@ -38,7 +38,7 @@ Text = Union[str, list]
 
 __all__ = ["Text", "completion_text", "prompt_text", "as_messages", "as_completion",
            "transcript", "has_chat_template", "render_prompt", "render_conversation",
-           "encode_prompt", "encode_completion", "encode_pair", "special_prefix"]
+           "encode_prompt", "encode_completion", "encode_pair", "special_prefix", "encode"]
 
 SEPARATOR = "\n\n"
 
@@ -144,6 +144,22 @@ def render_prompt_only(tokenizer, prompt: Any) -> str:
 
 def _prompt_plain(prompt: Any) -> str:
     return prompt if isinstance(prompt, str) else SEPARATOR.join(_contents(prompt, None))
+
+
+def encode(tokenizer, texts: list[str], max_length: int, *, padding_side: str = "right",
+           truncation_side: str = "right"):
+    """Tokenise a batch of rendered texts as torch tensors.
+
+    Special tokens are added only when the tokenizer has no chat template: a rendered
+    chat template already holds the ones it needs (no doubled BOS).
+    """
+    old = tokenizer.padding_side, tokenizer.truncation_side
+    tokenizer.padding_side, tokenizer.truncation_side = padding_side, truncation_side
+    try:
+        return tokenizer(texts, padding=True, truncation=True, max_length=max_length,
+                         return_tensors="pt", add_special_tokens=not has_chat_template(tokenizer))
+    finally:
+        tokenizer.padding_side, tokenizer.truncation_side = old
 
 
 _PREFIX_CACHE: dict[int, list[int]] = {}

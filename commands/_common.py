@@ -69,7 +69,8 @@ def param_option(p, *, aliases: tuple[str, ...] = (), help: str | None = None,
         annotation, default = Optional[p.type], None if unset else p.default
     metavar = p.metavar or _metavar(p)
     return annotation, typer.Option(default, *decls, help=help or p.describe(), metavar=metavar,
-                                    show_default=default not in (None, False, ""))
+                                    show_default=default is not None and default is not False
+                                    and default != "")
 
 
 def _metavar(p) -> str | None:

@@ -1,46 +1,35 @@
 """`alignkit train-rm`: train a reward model from preference pairs."""
 from __future__ import annotations
 
+from typing import Optional
+
 import typer
 
-from ._common import input_arg, out_dir_opt, train_command
+from alignkit.reward_models import RM_METHODS, RMConfig  # light: the registry only (no torch)
 
-METHOD_NAMES = ("bt", "pal", "maxmin", "crm")
+from ._common import input_arg, train_command, with_params
 
 
 @train_command
+@with_params(cfg=RMConfig, params=RM_METHODS)
 def train_rm(
     pairs: str = input_arg("Pairs JSONL (prompt, chosen, rejected; optional margin, "
                            "meta.user, meta.subset); '-' reads stdin."),
-    method: str = typer.Option("bt", "--method", help="bt | pal | maxmin | crm."),
-    model: str = typer.Option(..., "--model", "-m",
-                              help="Backbone: a model folder or an embedded name (minilm-l6, "
-                                   "smollm2-135m-instruct, tiny-llama). With --adapt-users: a "
-                                   "pal folder."),
-    output: str = out_dir_opt("Output reward-model folder (written atomically)."),
-    eval_split: float = typer.Option(0.1, "--eval-split",
-                                     help="Share of each user's pairs held out for metrics."),
-    eval_pairs: str = typer.Option(None, "--eval-pairs",
-                                   help="Held-out pairs file (replaces --eval-split)."),
-    center_rewards: float = typer.Option(0.0, "--center-rewards",
-                                         help="Reward-centering coefficient λ (0: off; 0.01 "
-                                              "recommended)."),
-    k: int = typer.Option(2, "--k", help="pal: preference prototypes; maxmin: reward models."),
-    adapt_users: bool = typer.Option(False, "--adapt-users",
-                                     help="pal: fit only the weights of new users (backbone "
-                                          "frozen); --model is a pal folder."),
-    em_iters: int = typer.Option(3, "--em-iters", help="maxmin: EM rounds."),
-    noise_rate: float = typer.Option(0.2, "--noise-rate",
-                                     help="crm: prior label-noise rate η (share of each batch "
-                                          "a peer drops)."),
-    curriculum: bool = typer.Option(True, "--curriculum/--no-curriculum",
-                                    help="crm: easy->hard order by peer margin."),
-    pal_dim: int = typer.Option(512, "--pal-dim", help="pal: preference-embedding size."),
-    head_lr: float = typer.Option(1e-3, "--head-lr", help="pal: projector learning rate."),
-    user_lr: float = typer.Option(0.2, "--user-lr", help="pal: user-weight learning rate."),
+    method: str = typer.Option("bt", "--method",
+                               help=" | ".join(RM_METHODS.names()) + " (see --list-methods)."),
+    model: Optional[str] = typer.Option(None, "--model", "-m",
+                                        help="Backbone: a model folder or an embedded name "
+                                             "(minilm-l6, smollm2-135m-instruct, tiny-llama). "
+                                             "With --adapt-users: a folder of the method."),
+    output: Optional[str] = typer.Option(None, "--output", "-o",
+                                         help="Output reward-model folder (written atomically)."),
+    list_methods: bool = typer.Option(False, "--list-methods",
+                                      help="Print the methods, then exit."),
+    cfg: RMConfig = None,
+    params: dict = None,
     opts=None,
 ) -> None:
-    """Train a reward model (bt, pal, maxmin, crm) for `score --scorer rm:OUT`.
+    """Train a reward model ({methods}) for `score --scorer rm:OUT`.
 
     bt: TRL's RewardTrainer (optional per-pair margin, --center-rewards).
 
@@ -48,27 +37,31 @@ def train_rm(
 
     crm: two peers that filter each other's noisy pairs (--noise-rate).
 
+    Each method takes the flags listed after its name in --list-methods; a flag of
+    another method is ignored with a warning.
+
     Held-out accuracy (ties wrong; per meta.subset, per user) and mean margin
     go to stderr and OUT/alignkit.json; training logs to OUT/metrics.jsonl.
 
     Example:  alignkit train-rm --method bt --model minilm-l6 pairs.jsonl -o rm
     """
+    from alignkit import reward_models
     from alignkit.errors import UsageError
-    from alignkit.reward_models import RMConfig, train
 
-    if method not in METHOD_NAMES:
-        raise UsageError(f"--method must be one of {', '.join(METHOD_NAMES)}, got {method!r}")
-    if eval_pairs is None and not 0.0 <= eval_split < 1.0:
-        raise UsageError(f"--eval-split must be in [0, 1), got {eval_split}")
-    if center_rewards < 0:
-        raise UsageError(f"--center-rewards must be >= 0, got {center_rewards}")
-    if pal_dim < 1 or head_lr <= 0 or user_lr <= 0:
-        raise UsageError("--pal-dim, --head-lr and --user-lr must be positive")
-    cfg = RMConfig(method=method, eval_split=eval_split, eval_pairs=eval_pairs,
-                   center_rewards=center_rewards, k=k, adapt_users=adapt_users,
-                   em_iters=em_iters, noise_rate=noise_rate, curriculum=curriculum,
-                   pal_dim=pal_dim, head_lr=head_lr, user_lr=user_lr)
-    train(method, pairs, model, output, opts.with_lr(1e-4), cfg)
+    if list_methods:
+        for line in reward_models.table():
+            typer.echo(line)
+        return
+    RM_METHODS.get(method)  # an unknown name fails first, with a close match
+    if not model:
+        raise UsageError("--model/-m is required (a backbone, or with --adapt-users a folder)")
+    if not output:
+        raise UsageError("--output/-o is required (the reward-model folder to write)")
+    cfg.method, cfg.params = method, params
+    reward_models.train(method, pairs, model, output, opts, cfg)
+
+
+train_rm.__doc__ = train_rm.__doc__.replace("{methods}", ", ".join(RM_METHODS.names()))
 
 
 def register(app: typer.Typer) -> None:

@@ -269,8 +269,58 @@ def test_list_methods(cli):
     assert [l.split()[0] for l in res.out.splitlines()[1:]] == ["aligndistil", "tvdpp", "gkd", "context"]
 
 
+def test_help_shows_every_methods_flags(cli, monkeypatch):
+    import re
+
+    from alignkit.distill import DISTILL
+    monkeypatch.setenv("COLUMNS", "400")  # one line per option
+    listed = cli(["distill", "--list-methods"]).out
+    r = cli(["distill", "--help"])
+    assert r.code == 0, r
+    flags = set(re.findall(r"(?<![\w-])(--[a-z][a-z0-9-]*)", r.out))
+    for e in DISTILL:
+        assert e.name in r.out and e.name in listed
+        for p in e.params:
+            assert p.flag_name in flags and p.flag_name in listed, (e.name, p.flag_name)
+
+
+def test_method_defaults_come_from_the_entry():
+    """beta, beta2 and the sampling temperature: the method's defaults (on-policy ones
+    for student responses); the gkd beta range; a flag of another method."""
+    from alignkit.distill import DISTILL, DistillConfig
+    from alignkit.distill.pipeline import resolve_config
+    from alignkit.errors import UsageError
+
+    class Data:
+        def has_completions(self):
+            return True
+
+    def resolve(method, responses=None, **params):
+        cfg = DistillConfig(method=method, teacher="T", student="S", responses=responses,
+                            params=params)
+        return resolve_config(DISTILL.get(method), cfg, Data())
+
+    c = resolve("gkd")
+    assert (c.beta, c.temperature, c.lmbda, c.responses) == (0.5, 0.9, 0.5, "given")
+    c = resolve("aligndistil", teacher_ref="R")
+    assert (c.beta, c.beta2, c.temperature, c.contrast, c.weight) == (0.1, 10.0, 1.0, "reverse", None)
+    c = resolve("aligndistil", "student", teacher_ref="R")
+    assert c.beta2 == 15.0 and c.as_dict()["beta2"] == 15.0
+    c = resolve("tvdpp")
+    assert c.responses == "teacher" and c.temperature == 1.0 and c.beta is None
+    assert resolve("gkd", beta=0.2).beta == 0.2
+    with pytest.raises(UsageError, match=r"--beta must be in \[0, 1\] for gkd"):
+        resolve("gkd", beta=2.0)
+    with pytest.raises(UsageError, match="--lmbda does not apply to distill method 'tvdpp'"):
+        resolve("tvdpp", lmbda=0.3)
+    with pytest.raises(UsageError, match="--kd-temperature must be > 0"):
+        resolve("aligndistil", teacher_ref="R", kd_temperature=0.0)
+
+
 @pytest.mark.parametrize("args,msg", [
-    (["--method", "nope"], "unknown --method"),
+    (["--method", "nope"], "unknown distill method 'nope' (--method)"),
+    (["--method", "gdk"], "did you mean 'gkd'"),
+    (["--method", "tvdpp", "--student", "S", "--contrast", "reference"], "--contrast does not apply"),
     (["--method", "aligndistil", "--student", "S"], "needs --teacher-ref"),
     (["--method", "tvdpp"], "--student (a folder"),
     (["--method", "context"], "needs --policy"),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import re
 from pathlib import Path
 
 import pytest
@@ -43,8 +44,58 @@ def goal(g):
 
 
 def test_registry():
-    assert set(STRATEGIES) == {"best-worst", "all-pairs", "top-k", "reward-augmented", "rank",
-                               "unpaired", "sppo", "filter"}
+    assert set(STRATEGIES.names()) == {"best-worst", "all-pairs", "top-k", "reward-augmented",
+                                       "rank", "unpaired", "sppo", "filter"}
+    assert STRATEGIES.names()[0] == "best-worst"  # the default comes first
+
+
+def _flags(text):
+    return set(re.findall(r"(?<![\w-])(--[a-z][a-z0-9-]*)", text))
+
+
+def test_help_lists_every_strategy_and_its_flags(cli, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "400")  # one line per option
+    r = cli(["relabel", "--help"])
+    assert r.code == 0, r
+    flags = _flags(r.out)
+    for e in STRATEGIES:
+        assert re.search(rf"(?<![\w-]){re.escape(e.name)}(?![\w-])", r.out), e.name
+        for p in e.params:
+            assert p.flag_name in flags, (e.name, p.flag_name)
+    # the scorer flags of the shared group, and the old spellings of two of them
+    assert {"--scorer-batch-size", "--batch-size", "--scorer-max-length", "--max-length",
+            "--aggregate", "--user"} <= flags
+
+
+def test_unknown_strategy_and_flags_of_another_strategy_exit_2(cli, tmp_path):
+    path = write_jsonl(tmp_path / "s.jsonl", [scored("a", [1.0, 0.0])])
+    r = cli(["relabel", "--strategy", "best-wrst", path])
+    assert r.code == 2 and "did you mean 'best-worst'" in r.err
+    r = cli(["relabel", "--k", "2", path])  # --k is top-k's
+    assert r.code == 2 and "--k does not apply to relabel strategy 'best-worst'" in r.err
+    r = cli(["relabel", "--strategy", "top-k", "--k", "0", path])
+    assert r.code == 2 and "--k must be >= 1" in r.err
+    with pytest.raises(UsageError, match="--threshold does not apply"):
+        Relabeler("rank", RelabelOptions(threshold=0.5))
+
+
+def test_scorer_options_reach_the_filter_scorers(tmp_path, monkeypatch):
+    """--agree scorers are built from the shared scorer options (and the old
+    score_options spelling still maps onto them)."""
+    from alignkit.scorers.options import ScorerOptions
+    seen = []
+
+    def build(self, specs, weights=None, *, dtype="auto", **kw):
+        seen.append((list(specs), self.scorer_batch_size, self.user, dtype))
+        raise UsageError("stop")
+
+    monkeypatch.setattr(ScorerOptions, "build", build)
+    with pytest.raises(UsageError, match="stop"):
+        relabel(_pairs(), "filter", agree=["rules"], scoring=ScorerOptions(user="u1"),
+                dtype="float32")
+    with pytest.raises(UsageError, match="stop"):
+        relabel(_pairs(), "filter", agree="rules", score_options={"batch_size": 3})
+    assert seen == [(["rules"], 8, "u1", "float32"), (["rules"], 3, None, "auto")]
 
 
 # --- pair strategies ---------------------------------------------------------------------

@@ -413,6 +413,62 @@ def test_usage_errors(cli, data, tiny_model, tmp_path):
     assert not (tmp_path / "x.partial").exists()
 
 
+def _flags(text):
+    import re
+    return set(re.findall(r"(?<![\w-])(--[a-z][a-z0-9-]*)", text))
+
+
+def test_list_methods_and_help_show_every_method_and_its_flags(cli, monkeypatch):
+    from alignkit.reward_models import RM_METHODS
+    monkeypatch.setenv("COLUMNS", "400")  # one line per option
+    listed = cli(["train-rm", "--list-methods"])
+    assert listed.code == 0, listed
+    assert [l.split()[0] for l in listed.out.splitlines()[1:]] == RM_METHODS.names()
+    assert RM_METHODS.names() == ["bt", "pal", "maxmin", "crm"]
+    r = cli(["train-rm", "--help"])
+    assert r.code == 0, r
+    flags = _flags(r.out)
+    for e in RM_METHODS:
+        assert e.name in r.out
+        for p in e.params:
+            assert p.flag_name in flags, (e.name, p.flag_name)
+            assert p.flag_name in listed.out  # listed after its method
+    assert {"--eval-split", "--eval-pairs", "--adapt-users", "--list-methods"} <= flags
+
+
+def test_unknown_method_suggests_a_close_name(cli, tmp_path):
+    r = cli(["train-rm", "--method", "crn", "--model", "tiny-llama", "p.jsonl", "-o",
+             tmp_path / "x"])
+    assert r.code == 2 and "did you mean 'crm'" in r.err
+    assert cli(["train-rm", "--method", "bt", "p.jsonl", "-o", tmp_path / "x"]).code == 2
+
+
+def test_method_defaults_and_flags_come_from_the_entry(cli, data, tiny_model, tmp_path,
+                                                       monkeypatch):
+    """The learning rate defaults to the entry's; the method gets its declared
+    parameters with their defaults; another method's flag is ignored with a warning."""
+    from alignkit.reward_models import RM_METHODS, crm
+    seen = {}
+
+    def fake_train(pairs, model_spec, out, opts, cfg):
+        seen.update(lr=opts.lr, params=dict(cfg.params), options=cfg.as_dict())
+        return {"heldout": None}
+
+    monkeypatch.setattr(crm, "train", fake_train)
+    r = cli(["train-rm", "--method", "crm", "--model", tiny_model, data["easy"], "-o",
+             tmp_path / "x", "--pal-dim", "32", "--no-curriculum"])
+    assert r.code == 0, r
+    assert seen["lr"] == RM_METHODS.get("crm").default_lr == 1e-4
+    assert seen["params"] == {"noise_rate": 0.2, "curriculum": False, "center_rewards": 0.0}
+    assert seen["options"]["pal_dim"] == 512 and seen["options"]["method"] == "crm"
+    assert "--pal-dim: not a parameter of --method crm; ignored" in r.err
+    able = [e.name for e in RM_METHODS if e.adapt_users]
+    assert able == ["pal"]
+    r = cli(["train-rm", "--method", "maxmin", "--adapt-users", "--model", tiny_model,
+             data["easy"], "-o", tmp_path / "y"])
+    assert r.code == 2 and "--adapt-users works with --method pal only" in r.err
+
+
 # --- real model ------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")

@@ -7,11 +7,12 @@ minimises (β/w_t)·KL(π_θ ‖ π*), π* = softmax(z*/T) with
 z* = z_d + w_t(z_d − z_r) (reverse) or z* = w_t·z_d + (1 − w_t)·z_ref (reference), and
 the token-adaptive weight w_t = β2'·Σ_v |π_d − π_r| + 1e-3 (`--weight W` fixes it);
 summed over the response, divided by its length (`--no-len-norm` keeps the sum),
-averaged over the batch (`losses.aligndistil_loss`). Defaults from the paper's scripts:
-β = 0.1, β2' = 10 off-policy and 15 on-policy, T = 1, lr 1e-6.
+averaged over the batch (`losses.aligndistil_loss`). The defaults of β, β2' (off- and
+on-policy), T and the learning rate are the paper's scripts' (on the method's `DISTILL`
+entry; `distill --list-methods`).
 
 Off-policy it trains on the chosen side of pairs; `--on-policy` samples one response per
-prompt from the current student at each step (temperature 1.0 by default, as the paper).
+prompt from the current student at each step (the default temperature is the paper's).
 Unlike the reference code, which scores the logits at the completion tokens' own
 positions, the logits here are the ones that predict each completion token.
 """
@@ -21,7 +22,8 @@ from .losses import aligndistil_loss, aligndistil_teacher, reverse_kl
 
 
 def _settings(cfg, on_policy: bool) -> dict:
-    """The loss settings (cfg.beta2 is resolved by the pipeline: 10 off-, 15 on-policy)."""
+    """The loss settings (cfg.beta2 is resolved by the pipeline from the entry's defaults,
+    off- or on-policy)."""
     return dict(beta2=cfg.beta2, contrast=cfg.contrast, weight=cfg.weight,
                 temperature=cfg.kd_temperature)
 

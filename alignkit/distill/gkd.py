@@ -1,11 +1,12 @@
 """`gkd`: generalized knowledge distillation through TRL's `trl.experimental.gkd.GKDTrainer`.
 
 The loss is TRL's generalised JSD (`--beta`: 0 is KL(teacher‖student), 1 is
-KL(student‖teacher), default 0.5) on the completion tokens; at each step, with
-probability `--lmbda` (default 0.5, TRL's `random.random()`, seeded by `--seed`), the
-batch's completions are replaced by ones the student generates (`model.generate`,
-`--temperature` default 0.9 as TRL, `--max-new-tokens`). The off-policy completions are
-the given ones (chosen side of pairs) or, for prompt-only data, samples from the teacher.
+KL(student‖teacher)) on the completion tokens; at each step, with probability `--lmbda`
+(TRL's `random.random()`, seeded by `--seed`), the batch's completions are replaced by
+ones the student generates (`model.generate`, `--temperature`, `--max-new-tokens`). The
+defaults of `--beta` and `--temperature` are TRL's GKDConfig defaults (on the method's
+`DISTILL` entry; `distill --list-methods`). The off-policy completions are the given
+ones (chosen side of pairs) or, for prompt-only data, samples from the teacher.
 
 alignkit only feeds it: rows tokenized like every other method (the sampler's
 tokenization), a collator producing TRL's keys (`input_ids`, `attention_mask`, `labels`
@@ -19,9 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from .losses import generalized_jsd
-from .trainer import _pad_right
-
-DEFAULT_TEMPERATURE = 0.9  # TRL's GKDConfig default
+from .trainer import pad_right
 
 
 @dataclass
@@ -38,9 +37,9 @@ class GKDCollator:
             n = len(r["prompt_ids"])
             prompts[i, width - n:] = torch.tensor(r["prompt_ids"], dtype=torch.long)
             pmask[i, width - n:] = 1
-        return {"input_ids": _pad_right(seqs, self.pad_token_id),
-                "attention_mask": _pad_right([[1] * len(s) for s in seqs], 0),
-                "labels": _pad_right(labels, -100),
+        return {"input_ids": pad_right(seqs, self.pad_token_id),
+                "attention_mask": pad_right([[1] * len(s) for s in seqs], 0),
+                "labels": pad_right(labels, -100),
                 "prompts": prompts, "prompt_attention_mask": pmask}
 
 

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from importlib import import_module
 from pathlib import Path
 
 from .. import console
 from ..errors import UsageError
-from . import FRESH_STUDENT_LR, RESPONSES, DistillConfig, Method, get
+from ..registry import Entry, params_of
+from . import DISTILL, FRESH_STUDENT_LR, DistillConfig
 from .data import (DistillData, build_student, check_tokenizers, given_completion_ids, load,
                    logit_width, make_rows, parse_student_config, require_completions,
                    sample_ids, split, with_policy)
@@ -28,59 +28,47 @@ class _Quiet:
         pass
 
 
-def resolve_config(m: Method, cfg: DistillConfig, data: DistillData) -> DistillConfig:
+def resolve_config(m: Entry, cfg: DistillConfig, data: DistillData) -> DistillConfig:
     """Fill the method's defaults and check the flags against the method and the data."""
     c = dataclasses.replace(cfg)
+    for p in params_of(DistillConfig):  # the shared flags (also when given as a library call)
+        p.coerce(getattr(c, p.name))
     if not c.teacher:
         raise UsageError("--teacher is required")
-    if c.beta is None:
-        c.beta = m.default_beta
-    elif m.default_beta is None:
-        raise UsageError(f"--beta does not apply to --method {m.name}")
-    if c.temperature is None:
-        c.temperature = 0.9 if m.name == "gkd" else 1.0
-    if m.needs_ref and not c.teacher_ref:
-        raise UsageError(f"--method {m.name} needs --teacher-ref (the reverse-DPO model with "
-                         "--contrast reverse, or the DPO reference with --contrast reference)")
-    if c.teacher_ref and not m.needs_ref:
-        raise UsageError(f"--teacher-ref does not apply to --method {m.name}")
-    if m.needs_policy and not c.policy:
-        raise UsageError(f"--method {m.name} needs --policy FILE (the text the teacher sees)")
-    if c.policy and not m.needs_policy:
-        raise UsageError(f"--policy does not apply to --method {m.name}")
-    if c.contrast not in ("reverse", "reference"):
-        raise UsageError(f"--contrast must be reverse or reference, got {c.contrast!r}")
+    given = m.options(cfg.params)  # a flag of another method is a UsageError
+    for name in m.requires:
+        if given[name] is None:
+            p = m.param(name)
+            raise UsageError(f"--method {m.name} needs {p.flag_name} ({p.help[0].lower()}"
+                             f"{p.help[1:].rstrip('.')})")
     if c.student and c.student_config:
         raise UsageError("give --student or --student-config, not both")
     if c.student_config:
         parse_student_config(c.student_config)
     if not c.student and not c.student_config:
-        if m.name != "context":
+        if not m.student_is_teacher:
             raise UsageError("--student (a folder or embedded name) or --student-config "
                              "(a fresh small student) is required")
         c.student = c.teacher
     if c.responses is None:
-        c.responses = m.default_responses
+        c.responses = m.responses
         if c.responses == "given" and not data.has_completions():
             c.responses = "teacher"
-    if c.responses not in RESPONSES:
-        raise UsageError(f"--responses must be one of {', '.join(RESPONSES)}, got {c.responses!r}")
     if c.responses == "student" and not m.on_policy:
         raise UsageError(f"--method {m.name}: on-policy training is --lmbda (the share of "
                          "student-generated batches), not --on-policy")
-    if m.name == "aligndistil" and c.beta2 is None:  # the paper's scripts
-        c.beta2 = 15.0 if c.responses == "student" else 10.0
-    if not 0.0 <= c.lmbda <= 1.0:
-        raise UsageError(f"--lmbda must be in [0, 1], got {c.lmbda}")
-    if m.name == "gkd" and not 0.0 <= c.beta <= 1.0:
-        raise UsageError(f"--beta must be in [0, 1] for gkd, got {c.beta}")
-    for name in ("beta2", "weight"):
-        v = getattr(c, name)
-        if v is not None and v <= 0:
-            raise UsageError(f"--{name} must be > 0, got {v}")
-    if c.kd_temperature <= 0 or c.temperature < 0 or c.max_new_tokens < 1 or c.num_samples < 1:
-        raise UsageError("--kd-temperature must be > 0, --temperature >= 0, "
-                         "--max-new-tokens and --num-samples >= 1")
+    defaults = {**m.method_defaults, **(m.student_defaults if c.responses == "student" else {})}
+    if c.temperature is None:
+        c.temperature = defaults["temperature"]
+    for name, v in given.items():
+        if v is None and name in defaults:
+            given[name] = defaults[name]
+    for name, (lo, hi) in m.ranges.items():
+        if not lo <= given[name] <= hi:
+            raise UsageError(f"{m.param(name).flag_name} must be in [{lo:g}, {hi:g}] for "
+                             f"{m.name}, got {given[name]}")
+    # every declared parameter: the method's values, the declared default for the others
+    c.params = {**{n: p.default for n, p in DISTILL.params().items()}, **given}
     return c
 
 
@@ -98,8 +86,8 @@ def train(data_path: str, out: str, opts, cfg: DistillConfig) -> dict:
     """Distil a student into `out` (see the package docstring); returns the held-out
     metric {"metric", "before", "after", "responses", "tokens"}."""
     started = time.time()
-    m = get(cfg.method)
-    mod = import_module(f"alignkit.distill.{m.module}")
+    m = DISTILL.get(cfg.method)
+    mod = m.load()
     data = load(data_path)
     cfg = resolve_config(m, cfg, data)
     policy = _read_policy(cfg.policy) if cfg.policy else None

@@ -29,7 +29,8 @@ Objective = Callable[..., tuple]
 Metric = Callable[..., torch.Tensor]
 
 
-def _pad_right(seqs: list[list[int]], value: int) -> torch.Tensor:
+def pad_right(seqs: list[list[int]], value: int) -> torch.Tensor:
+    """Right-padded [len(seqs), longest] long tensor."""
     width = max(len(s) for s in seqs)
     out = torch.full((len(seqs), width), value, dtype=torch.long)
     for i, s in enumerate(seqs):
@@ -52,9 +53,9 @@ class DistillCollator:
                 continue
             seqs = [r[key] + r["completion_ids"] for r in rows]
             cmask = [[0] * len(r[key]) + [1] * len(r["completion_ids"]) for r in rows]
-            out[f"{prefix}input_ids"] = _pad_right(seqs, self.pad_token_id)
-            out[f"{prefix}attention_mask"] = _pad_right([[1] * len(s) for s in seqs], 0)
-            out[f"{prefix}completion_mask"] = _pad_right(cmask, 0)
+            out[f"{prefix}input_ids"] = pad_right(seqs, self.pad_token_id)
+            out[f"{prefix}attention_mask"] = pad_right([[1] * len(s) for s in seqs], 0)
+            out[f"{prefix}completion_mask"] = pad_right(cmask, 0)
         return out
 
 

@@ -12,10 +12,14 @@ The output is a plain AutoModelForSequenceClassification folder (num_labels=1) t
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from .common import (RMConfig, dataset, evaluate, now, report, reward_config,
-                     seed_everything, seq_cls_rewards, tokenize_pairs, train_eval_sets,
-                     train_metrics)
+from .common import (dataset, evaluate, now, report, reward_config, seed_everything,
+                     tokenize_pairs, train_eval_sets, train_metrics)
+from .inference import METHOD_KEY, seq_cls_rewards
+
+if TYPE_CHECKING:
+    from . import RMConfig
 
 
 def train(pairs: str, model_spec: str, out: str | Path, opts, cfg: RMConfig) -> dict:
@@ -42,7 +46,7 @@ def train(pairs: str, model_spec: str, out: str | Path, opts, cfg: RMConfig) -> 
     metrics = evaluate(lambda p, c, u: seq_cls_rewards(model, tok, p, c,
                                                        max_length=opts.max_length), eval_recs)
     report(metrics)
-    info = {"rm_method": "bt", "backbone": model_spec, "rm_options": cfg.as_dict(),
+    info = {METHOD_KEY: cfg.method, "backbone": model_spec, "rm_options": cfg.as_dict(),
             "train_options": opts.as_dict(),
             "metrics": {"heldout": metrics, "train": train_metrics(trainer)},
             "counts": {"pairs": len(data.records), "train": len(rows),

@@ -1,10 +1,10 @@
-"""What the reward-model methods share: reading and splitting pairs, tokenising them the
-way the `rm:DIR` scorer does, scoring, held-out metrics and writing the output folder.
+"""What the reward-model trainers share: reading and splitting pairs, tokenising them the
+way the `rm:DIR` scorer does, held-out metrics and writing the output folder.
 
-Input format: `rm_inputs` from `alignkit.scorers.rm` (one implementation for training
-and scoring), tokenised with special tokens only when the tokenizer has no chat
-template (as `alignkit.scorers.base.encode` does). Pairs longer than `--max-length`
-tokens are dropped, as TRL's RewardTrainer does, and counted.
+Input format: `rm_inputs` from `alignkit.reward_models.inference` (one implementation
+for training and scoring), tokenised with special tokens only when the tokenizer has no
+chat template. Pairs longer than `--max-length` tokens are dropped, as TRL's
+RewardTrainer does, and counted.
 
 Held-out metrics (ALGORITHMS.md Part C): pair accuracy with ties counted as wrong, per
 `meta.subset` when present and weighted by subset size (`alignkit.stats.rm_accuracy`),
@@ -18,35 +18,17 @@ import math
 import random
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from .. import console
 from ..errors import DataError, UsageError
 from ..io import atomic_dir, manifest, read_records
+from .inference import render, render_prompts, token_ids
 
-METHOD_KEY = "rm_method"  # alignkit.json key naming the folder layout
-
-
-@dataclass
-class RMConfig:
-    """Method flags of train-rm beyond the shared training flags (TrainOptions)."""
-    method: str = "bt"
-    eval_split: float = 0.1
-    eval_pairs: str | None = None
-    center_rewards: float = 0.0
-    k: int = 2
-    adapt_users: bool = False
-    em_iters: int = 3
-    noise_rate: float = 0.2
-    curriculum: bool = True
-    pal_dim: int = 512
-    head_lr: float = 1e-3
-    user_lr: float = 0.2
-
-    def as_dict(self) -> dict:
-        return asdict(self)
+if TYPE_CHECKING:
+    from . import RMConfig
 
 
 @dataclass
@@ -126,28 +108,6 @@ def train_eval_sets(pairs_path: str, cfg: RMConfig, seed: int,
 
 # --- tokenising -----------------------------------------------------------------------
 
-def render(tokenizer, prompts: Sequence[Any], completions: Sequence[Any]) -> list[str]:
-    from ..scorers.rm import rm_inputs
-    return [rm_inputs(tokenizer, p, c) for p, c in zip(prompts, completions)]
-
-
-def render_prompts(tokenizer, prompts: Sequence[Any]) -> list[str]:
-    """The prompt alone, in the same format (chat template with the assistant turn
-    opened, or the plain prompt text)."""
-    from ..scorers.base import as_messages, has_chat_template
-    if has_chat_template(tokenizer):
-        return [tokenizer.apply_chat_template(as_messages(p, "user"), tokenize=False,
-                                              add_generation_prompt=True) for p in prompts]
-    return [p if isinstance(p, str) else "\n\n".join(m["content"] for m in p) for p in prompts]
-
-
-def token_ids(tokenizer, texts: list[str]) -> list[list[int]]:
-    from ..scorers.base import has_chat_template
-    if not texts:
-        return []
-    return tokenizer(texts, add_special_tokens=not has_chat_template(tokenizer))["input_ids"]
-
-
 def tokenize_pairs(tokenizer, records: list[dict], max_length: int, *,
                    with_prompt: bool = False, user_index: dict[str, int] | None = None,
                    what: str = "training") -> list[dict]:
@@ -223,15 +183,6 @@ def seed_everything(seed: int) -> None:
 
 
 # --- scoring and metrics --------------------------------------------------------------
-
-def seq_cls_rewards(model, tokenizer, prompts, completions, *, batch_size: int = 16,
-                    max_length: int = 1024) -> list[float]:
-    """Rewards of a sequence-classification model, exactly as `rm:DIR` scores them."""
-    from ..scorers.rm import rm_rewards
-    model.eval()
-    return rm_rewards(model, tokenizer, render(tokenizer, prompts, completions),
-                      batch_size=batch_size, max_length=max_length)
-
 
 def pair_scores(score: Callable[[list, list, list | None], list[float]],
                 records: list[dict], with_users: bool = False) -> tuple[list[float], list[float]]:
@@ -394,12 +345,6 @@ def save_seq_cls(model, tokenizer, folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder, safe_serialization=True)
     tokenizer.save_pretrained(folder)
-
-
-def folder_info(folder: str | Path) -> dict:
-    """alignkit.json of a folder ({} when absent)."""
-    p = Path(folder) / "alignkit.json"
-    return json.loads(p.read_text()) if p.exists() else {}
 
 
 def now() -> float:

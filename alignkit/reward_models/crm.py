@@ -36,13 +36,17 @@ biased by a selection on the held-out pairs).
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..errors import UsageError
-from .common import (LoggedMetrics, RMConfig, bt_losses, ceil_keep, dataset, evaluate,
-                     ids_rewards, now, pair_stats, preference_collator, report,
-                     save_seq_cls, seed_everything, seq_cls_rewards, split_rewards,
-                     tokenize_pairs, train_eval_sets, train_metrics, training_args,
-                     write_folder)
+from .common import (LoggedMetrics, bt_losses, ceil_keep, dataset, evaluate, ids_rewards, now,
+                     pair_stats, preference_collator, report, save_seq_cls, seed_everything,
+                     split_rewards, tokenize_pairs, train_eval_sets, train_metrics,
+                     training_args, write_folder)
+from .inference import METHOD_KEY, seq_cls_rewards
+
+if TYPE_CHECKING:
+    from . import RMConfig
 
 WARMUP_FRACTION = 0.25  # T_k as a share of the training steps
 
@@ -161,7 +165,7 @@ def train(pairs: str, model_spec: str, out: str | Path, opts, cfg: RMConfig) -> 
     report(scored[0], "held-out (model A)")
     if scored[1]:
         report(scored[1], "held-out (peer, model B)")
-    info = {"rm_method": "crm", "backbone": model_spec,
+    info = {METHOD_KEY: cfg.method, "backbone": model_spec,
             "rm_options": cfg.as_dict(), "train_options": opts.as_dict(),
             "metrics": {"heldout": scored[0], "heldout_peer": scored[1],
                         "train": train_metrics(trainer)},

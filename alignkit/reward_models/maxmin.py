@@ -25,15 +25,20 @@ import json
 import math
 import shutil
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from .. import console
 from ..errors import UsageError
-from .common import (RMConfig, dataset, evaluate, folder_info, now, pair_scores, report,
-                     reward_config, save_seq_cls, seed_everything, seq_cls_rewards,
-                     tokenize_pairs, train_eval_sets, train_metrics, user_of, write_folder)
+from .common import (dataset, evaluate, now, pair_scores, report, reward_config, save_seq_cls,
+                     seed_everything, tokenize_pairs, train_eval_sets, train_metrics, user_of,
+                     write_folder)
+from .inference import METHOD_KEY, folder_info, seq_cls_rewards
 
-AGGREGATES = ("min", "mean", "user")
+if TYPE_CHECKING:
+    from . import RMConfig
+
+NAME = "maxmin"  # the "rm_method" of this layout
+AGGREGATES = ("min", "mean", "user")  # the first is the default: the MaxMin objective
 ASSIGNMENT = "assignment.json"
 
 
@@ -79,10 +84,6 @@ class _State:
 
 def train(pairs: str, model_spec: str, out: str | Path, opts, cfg: RMConfig) -> dict:
     """Hard-EM over K BT reward models; write the mixture folder."""
-    if cfg.k < 1:
-        raise UsageError(f"--k must be >= 1, got {cfg.k}")
-    if cfg.em_iters < 1:
-        raise UsageError(f"--em-iters must be >= 1, got {cfg.em_iters}")
     from trl import RewardTrainer
 
     from ..models import load_seq_cls
@@ -90,7 +91,7 @@ def train(pairs: str, model_spec: str, out: str | Path, opts, cfg: RMConfig) -> 
 
     started = now()
     data, train_recs, eval_recs, inputs = train_eval_sets(pairs, cfg, opts.seed,
-                                                          need_user="maxmin")
+                                                          need_user=NAME)
     users = sorted({user_of(r) for r in data.records})
     if len(users) < cfg.k:
         console.warn(f"{len(users)} user(s) for --k {cfg.k}: some models get no users")
@@ -164,7 +165,7 @@ def train(pairs: str, model_spec: str, out: str | Path, opts, cfg: RMConfig) -> 
         mix.aggregate = "user"
     report(metrics, "held-out (each user's model)")
     _write_metrics(work, state["history"], cfg.k)
-    info = {"rm_method": "maxmin", "backbone": model_spec, "k": cfg.k,
+    info = {METHOD_KEY: NAME, "backbone": model_spec, "k": cfg.k,
             "assignment": state["assign"], "em_history": state["history"],
             "rm_options": cfg.as_dict(), "train_options": opts.as_dict(),
             "metrics": {"heldout": metrics, "train": state["train"]},
@@ -208,6 +209,15 @@ def _save_model(model, tok, folder: Path) -> None:
     save_seq_cls(model, tok, tmp)
     shutil.rmtree(folder, ignore_errors=True)
     tmp.rename(folder)
+
+
+def load_folder(folder: str | Path, *, user: str | None = None, aggregate: str | None = None,
+                dtype: str = "auto", device: str | None = None,
+                max_length: int = 1024) -> "MaxMinRewardModel":
+    """The loader of this layout (see `inference.load_reward_model`); `aggregate` None is
+    min, the MaxMin objective."""
+    return MaxMinRewardModel.load(folder, aggregate=aggregate or AGGREGATES[0], user=user,
+                                  dtype=dtype, device=device, max_length=max_length)
 
 
 class MaxMinRewardModel:
@@ -256,7 +266,7 @@ class MaxMinRewardModel:
         from ..models import load_seq_cls
         folder = Path(folder)
         info = folder_info(folder)
-        if info.get("rm_method") != "maxmin":
+        if info.get(METHOD_KEY) != NAME:
             raise UsageError(f"{folder}: not a maxmin reward-model folder")
         models, tok = [], None
         for k in range(int(info["k"])):

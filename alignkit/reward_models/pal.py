@@ -35,16 +35,20 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from .. import console
 from ..errors import UsageError
 from ..io import file_sha256
-from .common import (LoggedMetrics, RMConfig, bt_losses, dataset, evaluate, folder_info,
-                     now, pad_batch, pair_stats, render, render_prompts, report,
-                     seed_everything, token_ids, tokenize_pairs, train_eval_sets,
-                     train_metrics, training_args, user_of, write_folder)
+from .common import (LoggedMetrics, bt_losses, dataset, evaluate, now, pad_batch, pair_stats,
+                     report, seed_everything, tokenize_pairs, train_eval_sets, train_metrics,
+                     training_args, user_of, write_folder)
+from .inference import METHOD_KEY, folder_info, render, render_prompts, token_ids
 
+if TYPE_CHECKING:
+    from . import RMConfig
+
+NAME = "pal"  # the "rm_method" of this layout
 WEIGHTS = "pal.safetensors"
 USERS = "users.json"
 LOGIT_SCALE_LR = 0.1
@@ -187,13 +191,11 @@ def train(pairs: str, model_spec: str, out: str | Path, opts, cfg: RMConfig) -> 
     """Train a PAL-B model (or, with cfg.adapt_users, fit new users' weights)."""
     if cfg.adapt_users:
         return adapt_users(pairs, model_spec, out, opts, cfg)
-    if cfg.k < 1:
-        raise UsageError(f"--k must be >= 1, got {cfg.k}")
     from ..training import lora_config, prepare_run
     torch = _torch()
 
     started = now()
-    data, train_recs, eval_recs, inputs = train_eval_sets(pairs, cfg, opts.seed, need_user="pal")
+    data, train_recs, eval_recs, inputs = train_eval_sets(pairs, cfg, opts.seed, need_user=NAME)
     users = sorted({user_of(r) for r in data.records})
     work = prepare_run(out, opts)
     seed_everything(opts.seed)
@@ -230,7 +232,7 @@ def _fit(model, tok, users: list[str], records: list[dict], opts, cfg: RMConfig,
 
 def _info(model, backbone_spec, opts, cfg, metrics, trainer, data, rows, eval_recs,
           **extra) -> dict:
-    return {"rm_method": "pal", "backbone": backbone_spec, "k": len(model.prototypes),
+    return {METHOD_KEY: NAME, "backbone": backbone_spec, "k": len(model.prototypes),
             "dim": model.item[-1].out_features, "pooling": model.pooling,
             "hidden": model.item[0].in_features, "rm_options": cfg.as_dict(),
             "train_options": opts.as_dict(),
@@ -246,7 +248,7 @@ def adapt_users(pairs: str, pal_folder: str, out: str | Path, opts, cfg: RMConfi
     torch = _torch()
 
     started = now()
-    data, train_recs, eval_recs, inputs = train_eval_sets(pairs, cfg, opts.seed, need_user="pal")
+    data, train_recs, eval_recs, inputs = train_eval_sets(pairs, cfg, opts.seed, need_user=NAME)
     known = set(json.loads((Path(pal_folder) / USERS).read_text()))
     new_users = sorted({user_of(r) for r in data.records} - known)
     if not new_users:
@@ -282,6 +284,14 @@ def adapt_users(pairs: str, pal_folder: str, out: str | Path, opts, cfg: RMConfi
 
 
 # --- scoring ----------------------------------------------------------------------------
+
+def load_folder(folder: str | Path, *, user: str | None = None, aggregate: str | None = None,
+                dtype: str = "auto", device: str | None = None,
+                max_length: int = 1024) -> "PALRewardModel":
+    """The loader of this layout (see `inference.load_reward_model`; `aggregate` unused)."""
+    return PALRewardModel.load(folder, user=user, dtype=dtype, device=device,
+                               max_length=max_length)
+
 
 class PALRewardModel:
     """Scores with a PAL-B model: `score(prompts, completions, users=None)`.
@@ -349,7 +359,7 @@ class PALRewardModel:
         from safetensors.torch import load_file
         folder = Path(folder)
         info = folder_info(folder)
-        if info.get("rm_method") != "pal" or not (folder / WEIGHTS).exists():
+        if info.get(METHOD_KEY) != NAME or not (folder / WEIGHTS).exists():
             raise UsageError(f"{folder}: not a pal reward-model folder")
         backbone, tok, _ = _load_backbone(folder / "backbone", dtype)
         users = json.loads((folder / USERS).read_text())

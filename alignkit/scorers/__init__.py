@@ -47,9 +47,9 @@ from typing import Any, Callable, Sequence
 from ..errors import DataError, UsageError
 from ..records import derive_id, detect_kind
 from ..registry import Registry
+from ..reward_models.inference import rm_inputs, rm_rewards
 from .base import Item, Scorer
 from .pairwise import win_probabilities
-from .rm import rm_inputs, rm_rewards
 from .rules import RulesScorer, has_checks
 
 __all__ = ["SCORERS", "Item", "Scorer", "CombinedScorer", "build_scorer", "parse_spec",

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Sequence
 
 from ..errors import DataError, UsageError
-from ..text import as_messages, has_chat_template, transcript as plain  # noqa: F401  (the text layer)
+from ..text import as_messages, encode, has_chat_template, transcript as plain  # noqa: F401  (the text layer)
 
 
 @dataclass
@@ -56,22 +56,6 @@ def need_arg(kind: str, arg: str | None, what: str) -> str:
     if not arg:
         raise UsageError(f"scorer {kind!r} needs {what}: use {kind}:{what.upper()}")
     return arg
-
-
-def encode(tokenizer, texts: list[str], max_length: int, *, padding_side: str = "right",
-           truncation_side: str = "right"):
-    """Tokenise a batch of rendered texts as torch tensors.
-
-    Special tokens are added only when the tokenizer has no chat template: a rendered
-    chat template already holds the ones it needs (no doubled BOS).
-    """
-    old = tokenizer.padding_side, tokenizer.truncation_side
-    tokenizer.padding_side, tokenizer.truncation_side = padding_side, truncation_side
-    try:
-        return tokenizer(texts, padding=True, truncation=True, max_length=max_length,
-                         return_tensors="pt", add_special_tokens=not has_chat_template(tokenizer))
-    finally:
-        tokenizer.padding_side, tokenizer.truncation_side = old
 
 
 def device_of(options: dict) -> str:

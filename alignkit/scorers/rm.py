@@ -4,7 +4,8 @@ The model is loaded with `alignkit.models.load_seq_cls` (a safetensors folder, a
 adapter folder or an embedded name) and run in batches of `batch_size` texts, each
 truncated to `max_length` tokens (right side, like the tokenizer default).
 
-Input format (`rm_inputs`, shared with `train-rm` so training and scoring agree): the
+Input format (`rm_inputs`, in `alignkit.reward_models.inference` with the batching and
+the train-rm folder loader, shared with `train-rm` so training and scoring agree): the
 prompt and the completion as one chat through the tokenizer's chat template when it
 has one (a string prompt becomes a user turn, a string completion an assistant turn);
 otherwise the plain text `prompt + "\\n\\n" + completion` (message lists joined by blank
@@ -14,44 +15,12 @@ pooling).
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Sequence
 
-from ..text import render_conversation
-from .base import Item, Scorer, batches, encode, load_model, need_arg
+from ..reward_models.inference import needs_loader, rm_inputs, rm_rewards
+from .base import Item, Scorer, load_model, need_arg
 
-
-def rm_inputs(tokenizer, prompt: Any, completion: Any) -> str:
-    """The reward model's input text for (prompt, completion): `alignkit.text.render_conversation`."""
-    return render_conversation(tokenizer, prompt, completion)
-
-
-def rm_rewards(model, tokenizer, texts: Sequence[str], *, batch_size: int = 8,
-               max_length: int = 1024) -> list[float]:
-    """Scalar rewards of rendered texts (batched; longest first to limit padding)."""
-    import torch
-    order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
-    out: list[float] = [0.0] * len(texts)
-    device = next(model.parameters()).device
-    with torch.inference_mode():
-        for _, idx in batches(order, batch_size):
-            enc = encode(tokenizer, [texts[i] for i in idx], max_length).to(device)
-            logits = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits
-            for i, v in zip(idx, logits[:, 0].float().tolist()):
-                out[i] = float(v)
-    return out
-
-
-def _train_rm_method(spec: str) -> str | None:
-    """The `rm_method` a train-rm folder records in its alignkit.json (None otherwise)."""
-    import json
-    from pathlib import Path
-    manifest = Path(spec) / "alignkit.json"
-    if not manifest.is_file():
-        return None
-    try:
-        return json.loads(manifest.read_text()).get("rm_method")
-    except (OSError, ValueError):
-        return None
+__all__ = ["RewardModelScorer", "rm_inputs", "rm_rewards"]
 
 
 class RewardModelScorer(Scorer):
@@ -64,7 +33,7 @@ class RewardModelScorer(Scorer):
         super().__init__(name, arg, options)
         spec = need_arg(self.kind, arg, "dir")
         self.mixture = None
-        if _train_rm_method(spec) in ("pal", "maxmin"):
+        if needs_loader(spec):  # a train-rm layout of its own (pal, maxmin)
             from ..reward_models import load_reward_model  # loading only, no training code
             self.mixture = load_reward_model(
                 spec, user=options.get("user"), aggregate=options.get("aggregate"),
