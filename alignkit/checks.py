@@ -80,9 +80,12 @@ _TWO_RESPONSES_SPLIT_RE = re.compile(r"\*{6,}")
 
 def as_text(value: Any, role: str = "assistant") -> str:
     """A completion's text (``role="assistant"``) or a prompt's user text
-    (``role="user"``), by the rules of `alignkit.text`."""
+    (``role="user"``), by the rules of `alignkit.text`. A whole conversation given as
+    the text is checked on its assistant turns (the completion it holds)."""
     if role == "user":
         return user_text(value)
+    if isinstance(value, list):
+        value = [m for m in value if not (isinstance(m, dict) and m.get("role") in ("user", "system"))]
     return completion_text(value) if isinstance(value, (str, list)) or value is None \
         else str(value)
 

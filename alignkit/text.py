@@ -7,8 +7,10 @@ judge, length), relabel and eval. So a record means the same thing everywhere.
 The rules:
 
 - **A completion's text** (`completion_text`): a string is itself. A message list is
-  the contents of its assistant messages joined by a blank line ("\\n\\n"); a list with
-  no assistant message joins the contents of all its messages. A one-message completion
+  the contents of its assistant messages joined by a blank line ("\\n\\n") (tool
+  messages carry no completion text); a user or system message has no place in a
+  completion and is a DataError (a whole conversation is a prompt plus a completion,
+  not a completion). A one-message completion
   `[{"role": "assistant", "content": T}]` is therefore exactly `T`, and a completion of
   two assistant messages `A`, `B` is `"A\\n\\nB"` in the sampler's log-probs, the
   trainers' tokens, the rules checks and the reward model's input alike.
@@ -61,10 +63,14 @@ def completion_text(value: Any) -> str:
         return value
     if not isinstance(value, list):
         raise DataError("a completion must be a string or a list of messages")
-    parts = _contents(value, "assistant")
-    if not parts:
-        parts = _contents(value, None)
-    return SEPARATOR.join(parts)
+    for m in value:
+        if not isinstance(m, dict):
+            raise DataError("a message must be an object with role and content")
+        if m.get("role") in ("user", "system"):
+            raise DataError(f"a completion holds assistant messages only, got a "
+                            f"{m.get('role')!r} message (put the conversation so far in the "
+                            "prompt)")
+    return SEPARATOR.join(_contents(value, "assistant"))
 
 
 def prompt_text(prompt: Any) -> str:

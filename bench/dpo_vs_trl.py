@@ -9,7 +9,7 @@ peak RSS is per run:
   every training step, TRL's default);
 - alignkit cold: `train-policy` on an empty reference cache (one reference pass over
   the first epoch's batches before training, then training without reference forwards;
-  both passes run each batch in length groups, see `offline.LengthChunked`);
+  both passes run each batch in length groups, see `dpo_trainer.LengthChunked`);
 - alignkit warm: the rerun, or a second method on the same data (reference log-probs
   read from the cache; records that carry gen-pairs' `logp` skip the pass the same way).
 
@@ -118,7 +118,7 @@ def worker_trl(cfg: dict, data: str, out: str) -> dict:
 def worker_alignkit(cfg: dict, data: str, out: str) -> dict:
     """`alignkit train-policy --method dpo ...`, in this process, timing the reference pass."""
     from alignkit import cli
-    from alignkit.policy import offline
+    from alignkit.policy import common, dpo_trainer
 
     spent = {"ref_pass_s": 0.0, "ref_pass_cpu_s": 0.0, "train_cpu_s": 0.0}
 
@@ -133,9 +133,9 @@ def worker_alignkit(cfg: dict, data: str, out: str) -> dict:
                 spent[cpu_key] += time.process_time() - c0
         return wrapper
 
-    offline.AlignkitDPOTrainer._reference_pass = timed(
-        offline.AlignkitDPOTrainer._reference_pass, "ref_pass_s", "ref_pass_cpu_s")
-    offline.run_trainer = timed(offline.run_trainer, None, "train_cpu_s")
+    dpo_trainer.AlignkitDPOTrainer._reference_pass = timed(
+        dpo_trainer.AlignkitDPOTrainer._reference_pass, "ref_pass_s", "ref_pass_cpu_s")
+    common.run_trainer = timed(common.run_trainer, None, "train_cpu_s")
     args = ["--quiet", "train-policy", "--method", "dpo", "--model", cfg["model_path"], data, "-o", out,
             "--lora-r", str(cfg["lora_r"]), "--dtype", cfg["dtype"], "--batch-size",
             str(cfg["batch_size"]), "--lr", str(cfg["lr"]), "--max-length", str(cfg["max_length"]),

@@ -66,10 +66,15 @@ complete -c alignkit -n '__fish_seen_subcommand_from distill' -s o
 complete -c alignkit -n '__fish_seen_subcommand_from distill' -s s
 complete -c alignkit -n '__fish_seen_subcommand_from distill' -s t
 complete -c alignkit -n '__fish_seen_subcommand_from env' -l json
+complete -c alignkit -n '__fish_seen_subcommand_from eval' -l aggregate
 complete -c alignkit -n '__fish_seen_subcommand_from eval' -l baseline
 complete -c alignkit -n '__fish_seen_subcommand_from eval' -l baseline-samples
 complete -c alignkit -n '__fish_seen_subcommand_from eval' -l batch-size
+complete -c alignkit -n '__fish_seen_subcommand_from eval' -l calibrate
 complete -c alignkit -n '__fish_seen_subcommand_from eval' -l dtype
+complete -c alignkit -n '__fish_seen_subcommand_from eval' -l force
+complete -c alignkit -n '__fish_seen_subcommand_from eval' -l hybrid
+complete -c alignkit -n '__fish_seen_subcommand_from eval' -l kl-samples
 complete -c alignkit -n '__fish_seen_subcommand_from eval' -l limit
 complete -c alignkit -n '__fish_seen_subcommand_from eval' -l max-new-tokens
 complete -c alignkit -n '__fish_seen_subcommand_from eval' -l model
@@ -78,13 +83,20 @@ complete -c alignkit -n '__fish_seen_subcommand_from eval' -l no-kl
 complete -c alignkit -n '__fish_seen_subcommand_from eval' -l num-samples
 complete -c alignkit -n '__fish_seen_subcommand_from eval' -l pairs
 complete -c alignkit -n '__fish_seen_subcommand_from eval' -l report
+complete -c alignkit -n '__fish_seen_subcommand_from eval' -l rubric
 complete -c alignkit -n '__fish_seen_subcommand_from eval' -l samples-out
 complete -c alignkit -n '__fish_seen_subcommand_from eval' -l scorer
+complete -c alignkit -n '__fish_seen_subcommand_from eval' -l scorer-batch-size
+complete -c alignkit -n '__fish_seen_subcommand_from eval' -l scorer-device
+complete -c alignkit -n '__fish_seen_subcommand_from eval' -l scorer-max-length
 complete -c alignkit -n '__fish_seen_subcommand_from eval' -l seed
 complete -c alignkit -n '__fish_seen_subcommand_from eval' -l system
 complete -c alignkit -n '__fish_seen_subcommand_from eval' -l temperature
+complete -c alignkit -n '__fish_seen_subcommand_from eval' -l tokenizer
 complete -c alignkit -n '__fish_seen_subcommand_from eval' -l top-p
 complete -c alignkit -n '__fish_seen_subcommand_from eval' -l training-metrics
+complete -c alignkit -n '__fish_seen_subcommand_from eval' -l transform
+complete -c alignkit -n '__fish_seen_subcommand_from eval' -l user
 complete -c alignkit -n '__fish_seen_subcommand_from eval' -l weights
 complete -c alignkit -n '__fish_seen_subcommand_from eval' -s b
 complete -c alignkit -n '__fish_seen_subcommand_from eval' -s m
@@ -144,10 +156,13 @@ complete -c alignkit -n '__fish_seen_subcommand_from models; and __fish_seen_sub
 complete -c alignkit -n '__fish_seen_subcommand_from models; and __fish_seen_subcommand_from tiny' -l seed
 complete -c alignkit -n '__fish_seen_subcommand_from models; and __fish_seen_subcommand_from tiny' -l tokenizer-from
 complete -c alignkit -n '__fish_seen_subcommand_from models; and __fish_seen_subcommand_from tiny' -s o
+complete -c alignkit -n '__fish_seen_subcommand_from relabel' -l aggregate
 complete -c alignkit -n '__fish_seen_subcommand_from relabel' -l agree
 complete -c alignkit -n '__fish_seen_subcommand_from relabel' -l batch-size
+complete -c alignkit -n '__fish_seen_subcommand_from relabel' -l calibrate
 complete -c alignkit -n '__fish_seen_subcommand_from relabel' -l dedupe
 complete -c alignkit -n '__fish_seen_subcommand_from relabel' -l dtype
+complete -c alignkit -n '__fish_seen_subcommand_from relabel' -l hybrid
 complete -c alignkit -n '__fish_seen_subcommand_from relabel' -l k
 complete -c alignkit -n '__fish_seen_subcommand_from relabel' -l keep
 complete -c alignkit -n '__fish_seen_subcommand_from relabel' -l length-balance
@@ -158,11 +173,18 @@ complete -c alignkit -n '__fish_seen_subcommand_from relabel' -l no-system
 complete -c alignkit -n '__fish_seen_subcommand_from relabel' -l output
 complete -c alignkit -n '__fish_seen_subcommand_from relabel' -l quantile
 complete -c alignkit -n '__fish_seen_subcommand_from relabel' -l rm
+complete -c alignkit -n '__fish_seen_subcommand_from relabel' -l rubric
 complete -c alignkit -n '__fish_seen_subcommand_from relabel' -l scale
+complete -c alignkit -n '__fish_seen_subcommand_from relabel' -l scorer-batch-size
+complete -c alignkit -n '__fish_seen_subcommand_from relabel' -l scorer-device
+complete -c alignkit -n '__fish_seen_subcommand_from relabel' -l scorer-max-length
 complete -c alignkit -n '__fish_seen_subcommand_from relabel' -l seed
 complete -c alignkit -n '__fish_seen_subcommand_from relabel' -l shard
 complete -c alignkit -n '__fish_seen_subcommand_from relabel' -l strategy
 complete -c alignkit -n '__fish_seen_subcommand_from relabel' -l threshold
+complete -c alignkit -n '__fish_seen_subcommand_from relabel' -l tokenizer
+complete -c alignkit -n '__fish_seen_subcommand_from relabel' -l transform
+complete -c alignkit -n '__fish_seen_subcommand_from relabel' -l user
 complete -c alignkit -n '__fish_seen_subcommand_from relabel' -s o
 complete -c alignkit -n '__fish_seen_subcommand_from score' -l aggregate
 complete -c alignkit -n '__fish_seen_subcommand_from score' -l allow-pickle
@@ -176,6 +198,9 @@ complete -c alignkit -n '__fish_seen_subcommand_from score' -l max-length
 complete -c alignkit -n '__fish_seen_subcommand_from score' -l output
 complete -c alignkit -n '__fish_seen_subcommand_from score' -l rubric
 complete -c alignkit -n '__fish_seen_subcommand_from score' -l scorer
+complete -c alignkit -n '__fish_seen_subcommand_from score' -l scorer-batch-size
+complete -c alignkit -n '__fish_seen_subcommand_from score' -l scorer-device
+complete -c alignkit -n '__fish_seen_subcommand_from score' -l scorer-max-length
 complete -c alignkit -n '__fish_seen_subcommand_from score' -l shard
 complete -c alignkit -n '__fish_seen_subcommand_from score' -l tokenizer
 complete -c alignkit -n '__fish_seen_subcommand_from score' -l transform
@@ -184,6 +209,7 @@ complete -c alignkit -n '__fish_seen_subcommand_from score' -l user
 complete -c alignkit -n '__fish_seen_subcommand_from score' -l weights
 complete -c alignkit -n '__fish_seen_subcommand_from score' -s o
 complete -c alignkit -n '__fish_seen_subcommand_from score' -s s
+complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l aggregate
 complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l allow-pickle
 complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l alpha
 complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l batch-size
@@ -229,15 +255,21 @@ complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l ref-model
 complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l resume
 complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l reward
 complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l reward-weights
+complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l rubric
 complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l sample-every
 complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l save-steps
 complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l scale-rewards
+complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l scorer-batch-size
+complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l scorer-device
+complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l scorer-max-length
 complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l seed
 complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l sft-weight
 complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l simpo-gamma
 complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l temperature
+complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l tokenizer
 complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l transform
 complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l trust-remote-code
+complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l user
 complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l warmup-ratio
 complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -s m
 complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -s o
@@ -255,6 +287,7 @@ complete -c alignkit -n '__fish_seen_subcommand_from train-rm' -l grad-accum
 complete -c alignkit -n '__fish_seen_subcommand_from train-rm' -l gradient-checkpointing
 complete -c alignkit -n '__fish_seen_subcommand_from train-rm' -l head-lr
 complete -c alignkit -n '__fish_seen_subcommand_from train-rm' -l k
+complete -c alignkit -n '__fish_seen_subcommand_from train-rm' -l list-methods
 complete -c alignkit -n '__fish_seen_subcommand_from train-rm' -l logging-steps
 complete -c alignkit -n '__fish_seen_subcommand_from train-rm' -l lora-alpha
 complete -c alignkit -n '__fish_seen_subcommand_from train-rm' -l lora-dropout
@@ -277,3 +310,11 @@ complete -c alignkit -n '__fish_seen_subcommand_from train-rm' -l user-lr
 complete -c alignkit -n '__fish_seen_subcommand_from train-rm' -l warmup-ratio
 complete -c alignkit -n '__fish_seen_subcommand_from train-rm' -s m
 complete -c alignkit -n '__fish_seen_subcommand_from train-rm' -s o
+complete -c alignkit -n '__fish_seen_subcommand_from score' -l scorer -s s -x -a 'rules rm pairwise judge python length'
+complete -c alignkit -n '__fish_seen_subcommand_from eval' -l scorer -s s -x -a 'rules rm pairwise judge python length'
+complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l reward -x -a 'rules rm pairwise judge python length'
+complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l method -s m -x -a 'sft simpo orpo kto dpo sppo copg pro grao grpo gtpo earl rloo p3o online-ipo ipo-md'
+complete -c alignkit -n '__fish_seen_subcommand_from train-rm' -l method -x -a 'bt pal maxmin crm'
+complete -c alignkit -n '__fish_seen_subcommand_from distill' -l method -s m -x -a 'aligndistil tvdpp gkd context'
+complete -c alignkit -n '__fish_seen_subcommand_from merge-soup' -l method -s m -x -a 'linear uniform slerp task-arithmetic ties dare-linear dare-ties'
+complete -c alignkit -n '__fish_seen_subcommand_from relabel' -l strategy -x -a 'best-worst all-pairs top-k sppo reward-augmented rank unpaired filter'

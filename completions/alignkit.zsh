@@ -3,22 +3,37 @@
 _alignkit() {
   local -a path_words; local w
   for w in ${words[2,CURRENT-1]}; do [[ $w == -* ]] || path_words+=$w; done
+  case "${(j: :)path_words} ${words[CURRENT-1]}" in
+    "score --scorer"*) compadd -- rules rm pairwise judge python length; return ;;
+    "score -s"*) compadd -- rules rm pairwise judge python length; return ;;
+    "eval --scorer"*) compadd -- rules rm pairwise judge python length; return ;;
+    "eval -s"*) compadd -- rules rm pairwise judge python length; return ;;
+    "train-policy --reward"*) compadd -- rules rm pairwise judge python length; return ;;
+    "train-policy --method"*) compadd -- sft simpo orpo kto dpo sppo copg pro grao grpo gtpo earl rloo p3o online-ipo ipo-md; return ;;
+    "train-policy -m"*) compadd -- sft simpo orpo kto dpo sppo copg pro grao grpo gtpo earl rloo p3o online-ipo ipo-md; return ;;
+    "train-rm --method"*) compadd -- bt pal maxmin crm; return ;;
+    "distill --method"*) compadd -- aligndistil tvdpp gkd context; return ;;
+    "distill -m"*) compadd -- aligndistil tvdpp gkd context; return ;;
+    "merge-soup --method"*) compadd -- linear uniform slerp task-arithmetic ties dare-linear dare-ties; return ;;
+    "merge-soup -m"*) compadd -- linear uniform slerp task-arithmetic ties dare-linear dare-ties; return ;;
+    "relabel --strategy"*) compadd -- best-worst all-pairs top-k sppo reward-augmented rank unpaired filter; return ;;
+  esac
   case "${(j: :)path_words}" in
     "") compadd -- distill env eval gen-pairs merge-soup models relabel schema score train-policy train-rm --debug --quiet --verbose --version -q -v ;;
     "distill") compadd -- --allow-pickle --batch-size --beta --beta2 --contrast --dtype --epochs --eval-split --force --grad-accum --gradient-checkpointing --kd-temperature --len-norm --list-methods --lmbda --logging-steps --lora-alpha --lora-dropout --lora-r --lora-targets --lr --max-length --max-new-tokens --max-steps --merge-lora --method --no-len-norm --num-samples --on-policy --output --policy --responses --resume --save-steps --seed --student --student-config --teacher --teacher-ref --temperature --top-p --trust-remote-code --warmup-ratio --weight -m -n -o -s -t ;;
     "env") compadd -- --json ;;
-    "eval") compadd -- --baseline --baseline-samples --batch-size --dtype --limit --max-new-tokens --model --n-boot --no-kl --num-samples --pairs --report --samples-out --scorer --seed --system --temperature --top-p --training-metrics --weights -b -m -n -s ;;
+    "eval") compadd -- --aggregate --baseline --baseline-samples --batch-size --calibrate --dtype --force --hybrid --kl-samples --limit --max-new-tokens --model --n-boot --no-kl --num-samples --pairs --report --rubric --samples-out --scorer --scorer-batch-size --scorer-device --scorer-max-length --seed --system --temperature --tokenizer --top-p --training-metrics --transform --user --weights -b -m -n -s ;;
     "gen-pairs") compadd -- --allow-pickle --alpha --batch-size --contrast-prompt --dtype --engine --max-new-tokens --mixture --model --num-samples --output --pair-with-reference --raw --resume-from --seed --shard --system --temperature --top-k --top-p --trust-remote-code -m -n -o ;;
     "merge-soup") compadd -- --base --density --dtype --force --lambda --max-shard-size --method --no-normalize --normalize --output --rescale --seed --sign --t --weights -m -o ;;
     "models") compadd -- list pull tiny ;;
     "models list") compadd --  ;;
     "models pull") compadd -- --force --to ;;
     "models tiny") compadd -- --force --heads --hidden --layers --out --seed --tokenizer-from -o ;;
-    "relabel") compadd -- --agree --batch-size --dedupe --dtype --k --keep --length-balance --max-length --min-chosen --min-margin --no-system --output --quantile --rm --scale --seed --shard --strategy --threshold -o ;;
+    "relabel") compadd -- --aggregate --agree --batch-size --calibrate --dedupe --dtype --hybrid --k --keep --length-balance --max-length --min-chosen --min-margin --no-system --output --quantile --rm --rubric --scale --scorer-batch-size --scorer-device --scorer-max-length --seed --shard --strategy --threshold --tokenizer --transform --user -o ;;
     "schema") compadd --  ;;
-    "score") compadd -- --aggregate --allow-pickle --batch-size --calibrate --chunk --device --dtype --hybrid --max-length --output --rubric --scorer --shard --tokenizer --transform --trust-remote-code --user --weights -o -s ;;
-    "train-policy") compadd -- --allow-pickle --alpha --batch-size --beta --calibrate --clip --dtype --entropy-quantile --entropy-scope --entropy-threshold --epochs --epsilon --epsilon-high --force --grad-accum --gradient-checkpointing --grao-lambda --hybrid --importance-sampling --label-smoothing --list-methods --logging-steps --lora-alpha --lora-dropout --lora-r --lora-targets --loss --loss-weights --lr --mask-truncated --max-length --max-new-tokens --max-steps --merge-lora --method --model --no-record-ref --no-ref-cache --num-generations --opt --output --ref-model --resume --reward --reward-weights --sample-every --save-steps --scale-rewards --seed --sft-weight --simpo-gamma --temperature --transform --trust-remote-code --warmup-ratio -m -o ;;
-    "train-rm") compadd -- --adapt-users --batch-size --center-rewards --curriculum --dtype --em-iters --epochs --eval-pairs --eval-split --force --grad-accum --gradient-checkpointing --head-lr --k --logging-steps --lora-alpha --lora-dropout --lora-r --lora-targets --lr --max-length --max-steps --merge-lora --method --model --no-curriculum --noise-rate --output --pal-dim --resume --save-steps --seed --user-lr --warmup-ratio -m -o ;;
+    "score") compadd -- --aggregate --allow-pickle --batch-size --calibrate --chunk --device --dtype --hybrid --max-length --output --rubric --scorer --scorer-batch-size --scorer-device --scorer-max-length --shard --tokenizer --transform --trust-remote-code --user --weights -o -s ;;
+    "train-policy") compadd -- --aggregate --allow-pickle --alpha --batch-size --beta --calibrate --clip --dtype --entropy-quantile --entropy-scope --entropy-threshold --epochs --epsilon --epsilon-high --force --grad-accum --gradient-checkpointing --grao-lambda --hybrid --importance-sampling --label-smoothing --list-methods --logging-steps --lora-alpha --lora-dropout --lora-r --lora-targets --loss --loss-weights --lr --mask-truncated --max-length --max-new-tokens --max-steps --merge-lora --method --model --no-record-ref --no-ref-cache --num-generations --opt --output --ref-model --resume --reward --reward-weights --rubric --sample-every --save-steps --scale-rewards --scorer-batch-size --scorer-device --scorer-max-length --seed --sft-weight --simpo-gamma --temperature --tokenizer --transform --trust-remote-code --user --warmup-ratio -m -o ;;
+    "train-rm") compadd -- --adapt-users --batch-size --center-rewards --curriculum --dtype --em-iters --epochs --eval-pairs --eval-split --force --grad-accum --gradient-checkpointing --head-lr --k --list-methods --logging-steps --lora-alpha --lora-dropout --lora-r --lora-targets --lr --max-length --max-steps --merge-lora --method --model --no-curriculum --noise-rate --output --pal-dim --resume --save-steps --seed --user-lr --warmup-ratio -m -o ;;
     *) _files ;;
   esac
 }

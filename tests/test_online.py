@@ -260,7 +260,7 @@ def test_same_seed_same_output(env, tiny_model):
     (["--reward", "nosuch:x"], 2, "unknown scorer 'nosuch'"),
     (["--reward", "rules,bogus"], 2, "unknown scorer 'bogus'"),
     ([], 2, "need --reward"),
-    (["--reward", "length", "--clip", "pair"], 2, "--clip does not apply to --method grpo"),
+    (["--reward", "length", "--clip", "pair"], 2, "--clip does not apply to policy method 'grpo'"),
     (["--reward", "length", "--num-generations", "3"], 2, "must be a multiple of --num-generations (3)"),
     (["--reward", "length", "--loss", "sigmoid"], 2, "--loss must be one of grpo"),
     (["--reward", "length", "--scale-rewards", "std"], 2, "--scale-rewards must be one of"),
@@ -278,9 +278,9 @@ def test_usage_errors_exit_2(cli, env, tiny_model, tmp_path, extra, code, needle
     ("gtpo", ["--beta", "0.1"], "gtpo has no KL term"),
     ("online-ipo", ["--beta", "0"], "--beta must be > 0"),
     ("p3o", ["--batch-size", "6", "--grad-accum", "1", "--clip", "joint"], "--clip must be one of"),
-    ("ipo-md", ["--alpha", "1.5"], "--alpha must be [0.0, 1.0]"),
+    ("ipo-md", ["--alpha", "1.5"], "--alpha must be <= 1.0"),
     ("earl", ["--entropy-scope", "token"], "--entropy-scope must be one of"),
-    ("earl", ["--entropy-quantile", "0"], "--entropy-quantile must be (0.0, 1.0]"),
+    ("earl", ["--entropy-quantile", "0"], "--entropy-quantile must be > 0.0"),
     ("p3o", ["--batch-size", "3", "--grad-accum", "2"], "--batch-size must be even"),
 ])
 def test_method_option_errors_exit_2(cli, env, tiny_model, tmp_path, method, extra, needle):
@@ -288,6 +288,30 @@ def test_method_option_errors_exit_2(cli, env, tiny_model, tmp_path, method, ext
              "--reward", "length", "-o", tmp_path / "m", *extra])
     assert r.code == 2, r
     assert needle in r.err
+
+
+def test_scorer_options_reach_the_reward_scorers(cli, env, tmp_path, monkeypatch):
+    """The online trainer builds its rewards with the shared scorer options
+    (ScorerOptions.build), as `alignkit score` does: --aggregate, --rubric, --user, ..."""
+    from alignkit.errors import UsageError
+    from alignkit.scorers.options import ScorerOptions
+    seen = {}
+
+    def build(self, specs, weights=None, **kw):
+        seen.update(options=self, specs=list(specs), weights=weights, **kw)
+        raise UsageError("stop here")
+
+    monkeypatch.setattr(ScorerOptions, "build", build)
+    r = cli(["train-policy", "--method", "rloo", "--model", "no-such-model", env["prompts"],
+             "-o", tmp_path / "m", "--batch-size", 4, "--reward", "rules,length",
+             "--reward-weights", "2,1", "--aggregate", "min", "--rubric", "r.txt", "--user", "u7",
+             "--tokenizer", "tok", "--scorer-batch-size", 3, "--hybrid"])
+    assert r.code == 2 and "stop here" in r.err, r
+    o = seen["options"]
+    assert (o.aggregate, o.rubric, o.user, o.tokenizer, o.scorer_batch_size, o.hybrid) == (
+        "min", "r.txt", "u7", "tok", 3, True)
+    assert seen["specs"] == ["rules", "length"] and seen["weights"] == "2,1"
+    assert not (tmp_path / "m.partial").exists()
 
 
 def test_bad_prompt_records_exit_3_with_path_and_line(cli, env, tiny_model, tmp_path):

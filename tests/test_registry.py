@@ -174,8 +174,10 @@ def test_text_rules_on_edge_cases():
     from alignkit.errors import DataError
     from alignkit.text import as_completion, completion_text, prompt_text
     assert completion_text("x") == "x" and completion_text([]) == ""
-    assert completion_text([{"role": "user", "content": "a"}, {"role": "tool", "content": "b"}]) \
-        == "a\n\nb"  # no assistant message: all contents
+    assert completion_text([{"role": "assistant", "content": "a"}, {"role": "tool", "content": "r"},
+                            {"role": "assistant", "content": "b"}]) == "a\n\nb"
+    with pytest.raises(DataError, match="assistant messages only"):
+        completion_text([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}])
     assert prompt_text([{"role": "system", "content": "s"}, {"role": "user", "content": "u1"},
                         {"role": "assistant", "content": "a"}, {"role": "user", "content": "u2"}]) == "u2"
     assert as_completion("t", [{"role": "user", "content": "q"}]) == \

@@ -7,6 +7,7 @@ import json
 import math
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -128,6 +129,71 @@ def test_list_methods_names_data_types(cli):
                "grao": "samples", "simpo": "pairs", "orpo": "pairs", "kto": "unpaired"}
     assert {k: rows.get(k) for k in offline} == offline
     assert set(rows.values()) <= {"pairs", "samples", "ranking", "unpaired", "sft", "prompts"}
+
+
+def _help_flags(cli, monkeypatch) -> set[str]:
+    monkeypatch.setenv("COLUMNS", "250")  # one line per flag
+    r = cli(["train-policy", "--help"])
+    assert r.code == 0, r
+    return set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", r.out))
+
+
+def test_help_shows_every_scorer_option(cli, monkeypatch):
+    """The scorer flags come from the shared ScorerOptions group (as in score/eval)."""
+    from alignkit.registry import params_of
+    from alignkit.scorers.options import ScorerOptions
+    want = {p.flag_name for p in params_of(ScorerOptions)}
+    assert {"--hybrid", "--calibrate", "--transform", "--aggregate", "--rubric"} <= want
+    assert want <= _help_flags(cli, monkeypatch)
+
+
+def test_every_method_parameter_is_a_flag_and_every_method_is_listed(cli, monkeypatch):
+    from alignkit.policy import POLICY
+    flags = _help_flags(cli, monkeypatch)
+    for entry in POLICY:
+        assert entry.writes == "model" and entry.reads
+        for p in entry.params:
+            assert p.flag_name in flags, (entry.name, p.flag_name)
+            assert p.coerce(p.default) == p.default  # the declared default is valid
+    r = cli(["train-policy", "--list-methods"])
+    assert r.code == 0
+    listed = [line.split()[0] for line in r.out.splitlines()[1:]]
+    assert listed == POLICY.names()
+
+
+def _records_of(kind: str) -> list[dict]:
+    return {"pairs": pair_records(2), "ranking": ranking_records(2),
+            "samples": samples_records(2), "unpaired": unpaired_records(2),
+            "sft": [{"id": "s", "prompt": "p", "completion": "c"}],
+            "prompts": [{"id": "q", "prompt": "p"}]}[kind]
+
+
+def test_a_flag_that_does_not_apply_exits_2_naming_it(cli, tmp_path):
+    """Every method refuses a method flag it does not declare (before any model loads)."""
+    from alignkit.policy import POLICY
+    every = POLICY.params()
+    for entry in POLICY:
+        other = next(p for n, p in every.items() if n not in {q.name for q in entry.params})
+        value = "true" if other.type is bool else (other.choices[0] if other.choices else "1")
+        args = [other.flag_name] if other.type is bool else [other.flag_name, value]
+        data = write_jsonl(tmp_path / f"{entry.name}.jsonl", _records_of(entry.reads))
+        r = cli(["train-policy", "--method", entry.name, "--model", "no-such-model", data,
+                 "-o", tmp_path / "out", *args])
+        assert r.code == 2, (entry.name, r)
+        assert f"{other.flag_name} does not apply to policy method {entry.name!r}" in r.err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("extra,needle", [
+    (["--aggregate", "min"], "--aggregate is for online methods"),
+    (["--reward-weights", "1", "--hybrid"], "--reward-weights, --hybrid are for online methods"),
+])
+def test_scorer_flags_are_for_online_methods(cli, tmp_path, extra, needle):
+    data = write_jsonl(tmp_path / "d.jsonl", pair_records(2))
+    r = cli(["train-policy", "--method", "dpo", "--model", "no-such-model", data,
+             "-o", tmp_path / "out", *extra])
+    assert r.code == 2, r
+    assert needle in r.err and "dpo trains offline" in r.err
 
 
 def test_every_method_trains_and_writes_a_folder(trained, data):
@@ -334,10 +400,10 @@ MALFORMED = [
     ("dpo", [{"id": "a", "prompt": "p", "chosen": "x"}], [], 3, "d.jsonl:1: rejected: missing"),
     ("dpo", [{"id": "a", "prompt": "p", "chosen": [{"role": "user", "content": "x"},
                                                    {"role": "assistant", "content": "y"}],
-              "rejected": "z"}], [], 3, "d.jsonl:1: chosen: a completion must be"),
+              "rejected": "z"}], [], 3, "d.jsonl:1: chosen: a completion holds assistant messages only"),
     ("kto", [{"id": "a", "prompt": "p", "completion": "x", "label": "yes"}], [], 3,
      "d.jsonl:1: label: expected boolean"),
-    ("nope", [{"id": "a", "prompt": "p"}], [], 2, "unknown --method"),
+    ("nope", [{"id": "a", "prompt": "p"}], [], 2, "unknown policy method 'nope' (--method)"),
     ("dpo", [{"id": "a", "prompt": "p", "chosen": "x", "rejected": "y"}], ["--loss", "bogus"], 2,
      "--loss 'bogus' is not a dpo loss"),
     ("dpo", [{"id": "a", "prompt": "p", "chosen": "x", "rejected": "y"}],
@@ -349,7 +415,7 @@ MALFORMED = [
     ("dpo", [{"id": "a", "prompt": "p", "chosen": "x", "rejected": "y"}],
      ["--label-smoothing", "0.6"], 2, "--label-smoothing must be in [0, 0.5)"),
     ("dpo", [{"id": "a", "prompt": "p", "chosen": "x", "rejected": "y"}], ["--sft-weight", "1"],
-     2, "--sft-weight does not apply to --method dpo"),
+     2, "--sft-weight does not apply to policy method 'dpo'"),
     ("dpo", [{"id": "a", "prompt": "p", "chosen": "x", "rejected": "y"}], ["--reward", "rules"],
      2, "--reward is for online methods"),
     ("orpo", [{"id": "a", "prompt": "p", "chosen": "x", "rejected": "y"}], ["--ref-model", "x"],
@@ -434,7 +500,7 @@ def test_accelerate_launch_two_cpu_processes(tiny_model, tmp_path):
 
 
 def test_chunk_plan_groups_short_rows_apart():
-    from alignkit.policy.offline import chunk_plan
+    from alignkit.policy.dpo_trainer import chunk_plan
     assert chunk_plan([162, 140, 140, 105, 49, 44, 46, 50]) == [[5, 6, 4, 7], [3, 1, 2, 0]]
     assert chunk_plan([60, 64, 58, 61]) == [[2, 0, 3, 1]]  # nothing to gain: one call
     assert chunk_plan([7]) == [[0]]
@@ -446,7 +512,7 @@ def test_length_chunked_forward_matches_one_call(tiny_model):
     from trl.trainer.utils import add_fused_lm_head
 
     from alignkit.models import load_causal_lm
-    from alignkit.policy.offline import LengthChunked
+    from alignkit.policy.dpo_trainer import LengthChunked
     model, _ = load_causal_lm(tiny_model)
     add_fused_lm_head(model, outputs=("log_probs", "entropy"))
     lengths = [70, 12, 66, 9]

@@ -73,7 +73,7 @@ def load(path: str, data_kind: str) -> Data:
     if data_kind not in DATA_KINDS:
         raise ValueError(f"unknown data kind {data_kind!r}")
     record_kind = DATA_KINDS[data_kind]
-    reader = read_records(path, record_kind, unique_ids=False)
+    reader = read_records(path, record_kind)  # ids unique in prompt files
     records, lines = [], []
     for rec in reader:
         line = getattr(reader, "line", len(records) + 1)

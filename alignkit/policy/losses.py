@@ -4,7 +4,8 @@ TRL has none of these losses (its DPOTrainer has the others, used as they are): 
 (`sigmoid` with label smoothing, dropped from TRL's `sigmoid` in v0.29), soft SPPO and
 its single-pair variant, CoPG, PRO and GRAO. Each function takes summed (or averaged)
 sequence log-probabilities and returns per-example losses (shape [B]) or, for the
-listwise losses, a scalar; the trainer in `offline.py` takes the mean and logs metrics.
+listwise losses, a scalar; the trainers (pairs.py, groups.py) take the mean and log
+metrics. `PAIR_TERMS` is how the pair trainer calls them: one hook per `--loss` name.
 The formulas are those of ALGORITHMS.md; every choice the sources leave open is named
 in the docstring (UNVERIFIED there).
 
@@ -14,12 +15,11 @@ completions, `rc`/`rr` the reference's; Δ = logπθ − logπref; h = Δc − �
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
-
-# Names of the losses defined here that plug into the pair trainer (`--loss NAME`).
-PAIR_LOSSES = ("cdpo", "sppo", "sppo_single", "copg")
 
 
 def cdpo(pc, pr, rc, rr, beta: float, label_smoothing: float):
@@ -142,3 +142,60 @@ def grao(avg_logps, rewards, valid, ref_avg_logps, ref_rewards, beta: float, lam
     per = (a_o * avg_logps + beta * a_y[:, None] * j_imi + lam * a_o * (avg_logps - j_imi)) * valid_f
     g = valid_f.sum(dim=1).clamp(min=1.0)
     return -(per.sum(dim=1) / g).mean()
+
+
+# --- the pair trainer's loss terms, by --loss name --------------------------------------------
+
+@dataclass(frozen=True)
+class PairBatch:
+    """What a pair-loss term reads: the summed log-probs of the policy (`pc`, `pr`) and
+    of the reference (`rc`, `rr`) [B], the policy's per-token log-probs and completion
+    mask [2B, T] (chosen rows first) and the batch's extra columns (`p_w`, `p_l`, `p_wl`,
+    `score_chosen`, `score_rejected`)."""
+    pc: Any
+    pr: Any
+    rc: Any
+    rr: Any
+    per_token: Any
+    mask: Any
+    extras: dict
+
+
+@dataclass(frozen=True)
+class PairTerm:
+    """One `--loss` term of the pair trainer: `fn(batch, beta, label_smoothing)` -> a
+    scalar. `extra` names the row columns it needs (`data.pair_rows` extras)."""
+    fn: Callable
+    extra: str | None = None
+
+
+def _cdpo_term(b: PairBatch, beta: float, label_smoothing: float):
+    return cdpo(b.pc, b.pr, b.rc, b.rr, beta, label_smoothing).mean()
+
+
+def _sppo_term(b: PairBatch, beta: float, label_smoothing: float):
+    return sppo(b.pc, b.pr, b.rc, b.rr, b.extras["p_w"], b.extras["p_l"], beta).mean()
+
+
+def _sppo_single_term(b: PairBatch, beta: float, label_smoothing: float):
+    return sppo_single(b.pc, b.pr, b.rc, b.rr, b.extras["p_wl"], beta).mean()
+
+
+def _copg_term(b: PairBatch, beta: float, label_smoothing: float):
+    return copg(b.pc, b.pr, b.rc, b.rr, b.extras["score_chosen"], b.extras["score_rejected"],
+                beta).mean()
+
+
+def _sft_term(b: PairBatch, beta: float, label_smoothing: float):
+    return sft_nll(b.per_token.chunk(2)[0], b.mask.chunk(2)[0])
+
+
+# The custom pair losses (TRL has none of them) plus TRL's `sft` term, which a multi-loss
+# `--loss X,sft` adds beside them.
+PAIR_TERMS: dict[str, PairTerm] = {
+    "cdpo": PairTerm(_cdpo_term),
+    "sppo": PairTerm(_sppo_term, "p_win"),
+    "sppo_single": PairTerm(_sppo_single_term, "p_pair"),
+    "copg": PairTerm(_copg_term, "scores"),
+    "sft": PairTerm(_sft_term),
+}

@@ -14,9 +14,19 @@ score`, update. Every method is a Trainer (online_trainers.py), run by
 | ipo-md     | GRPOTrainer subclass, mixture sampling    | no                                 |
 
 Rewards: `--reward` takes the scorer specs of `alignkit score` (repeatable or a comma
-list; `--reward-weights`, `--hybrid`, `--calibrate`, `--transform`), combined by
-`build_scorer(...).reward_fn()`: one reward implementation for scoring and training.
-The prompt records' `meta` (checks, rubric, user, ...) and `id` reach the scorers.
+list; `--reward-weights`), built with the scorer options every scoring command shares
+(`scorers.options.ScorerOptions`: `--hybrid`, `--calibrate`, `--transform`, `--rubric`,
+`--aggregate`, `--user`, `--tokenizer`, `--scorer-batch-size`, ...) and combined by
+`reward_fn()`: one reward implementation for scoring and training. The prompt records'
+`meta` (checks, rubric, user, ...) and `id` reach the scorers.
+
+Each method is one entry below. Its info fields say what differs between methods:
+`trainer_class` and `config_class` ("module:attribute"), `pair_loss` ("p3o" | "ipo"
+for the two-samples-per-prompt PairTrainer, "" otherwise), `fixed` (TRL config fields
+the method sets), `trainer_kwargs` (option -> trainer keyword), `mixture` (ipo-md:
+samples from the geometric mixture with a separate reference) and `default_loss`.
+How an option becomes a TRL config field is `CONFIG_FIELDS`, the same for every method
+that takes the option.
 
 `--batch-size` counts completions per device step (TRL's convention): with G
 generations per prompt a step holds batch_size / G prompts. The output folder also
@@ -46,6 +56,7 @@ Defaults and readings (ALGORITHMS.md marks these UNVERIFIED where noted):
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from dataclasses import dataclass, field
@@ -53,16 +64,96 @@ from pathlib import Path
 
 from .. import console
 from ..errors import DataError, UsageError
-from ..training import TrainOptions, lora_config, prepare_run
-from . import Method
+from ..registry import Param
+from . import add
+from .common import (PolicyRun, config, config_overrides, finish, hparams, import_attr,
+                     load_policy, load_reference, method_beta, quiet)
 from .data import Data
+from .pairs import GRPO_DEFAULT_LOSS, GRPO_LOSSES, LOSS
 
-GRPO_LOSSES = ("grpo", "dr_grpo", "dapo", "bnpo", "cispo")
+GRPO_LOSS = dataclasses.replace(LOSS, choices=GRPO_LOSSES)  # --loss as grpo and earl check it
 
-DEFAULTS = dict(num_generations=4, max_new_tokens=128, temperature=1.0, sample_every=10,
-                epsilon=0.2, entropy_quantile=0.2, entropy_scope="batch", clip="pair",
-                alpha=0.5, p3o_iterations=2,
-                entropy_threshold=0.7)  # GTPO's ENT_THRESHOLD (online_losses)
+# --- parameters -------------------------------------------------------------------------------
+
+MAX_NEW_TOKENS = Param("max_new_tokens", int, 128, "Max sampled tokens per completion.", low=1)
+TEMPERATURE = Param("temperature", float, 1.0, "Sampling temperature.", low=0.0, low_open=True)
+SAMPLE_EVERY = Param("sample_every", int, 10, "Write the sampled completions to samples.jsonl "
+                     "every N steps (0: never).", low=0)
+NUM_GENERATIONS = Param("num_generations", int, 4, "Samples per prompt.", low=2)
+SCALE_REWARDS = Param("scale_rewards", str, "group", "How the advantages are scaled.",
+                      choices=("group", "batch", "none"))
+EPSILON = Param("epsilon", float, 0.2, "Clip range.", low=0.0, low_open=True)
+EPSILON_HIGH = Param("epsilon_high", float, None, "Upper clip range (DAPO: 0.28; default: "
+                     "--epsilon).", low=0.0, low_open=True)
+IMPORTANCE_SAMPLING = Param("importance_sampling", str, "token", "Importance-sampling level "
+                            "(sequence = GSPO).", choices=("token", "sequence"))
+MASK_TRUNCATED = Param("mask_truncated", bool, False, "No loss on completions cut by "
+                       "--max-new-tokens.")
+ENTROPY_QUANTILE = Param("entropy_quantile", float, 0.2, "Share of the highest-entropy tokens "
+                         "kept.", low=0.0, low_open=True, high=1.0)
+ENTROPY_SCOPE = Param("entropy_scope", str, "batch", "Where the entropy quantile is taken.",
+                      choices=("batch", "response"))
+# GTPO's ENT_THRESHOLD (the authors' code; also the default of the pure formula,
+# online_losses.gtpo_advantages)
+ENTROPY_THRESHOLD = Param("entropy_threshold", float, 0.7, "Completions with a higher mean "
+                          "token entropy get no update.", low=0.0)
+CLIP = Param("clip", str, "pair", "P3O's clip: pair (joint, on the log-ratio difference) | "
+             "token.", choices=("pair", "token"))
+ALPHA = Param("alpha", float, 0.5, "Reference weight of the sampling mixture.", low=0.0,
+              high=1.0)
+
+ONLINE = (MAX_NEW_TOKENS, TEMPERATURE, SAMPLE_EVERY)
+GRPO = (LOSS, SCALE_REWARDS, NUM_GENERATIONS, EPSILON, EPSILON_HIGH, IMPORTANCE_SAMPLING,
+        MASK_TRUNCATED)
+
+# How a method option becomes a TRL config field (for every method that takes it). An
+# option left unset (None) or off (False) leaves TRL's default.
+CONFIG_FIELDS = {"max_new_tokens": "max_completion_length", "temperature": "temperature",
+                 "epsilon": "epsilon", "epsilon_high": "epsilon_high",
+                 "mask_truncated": "mask_truncated_completions", "loss": "loss_type",
+                 "scale_rewards": "scale_rewards",
+                 "importance_sampling": "importance_sampling_level",
+                 "entropy_quantile": "top_entropy_quantile"}
+
+# --- the methods ------------------------------------------------------------------------------
+
+_TRAINERS = "alignkit.policy.online_trainers"
+
+
+def _online(name: str, summary: str, *, params=(), trainer: str, config: str = "GRPOConfig",
+            pair_loss: str = "", fixed: dict | None = None, trainer_kwargs: dict | None = None,
+            mixture: bool = False, default_loss: str = "", **kw) -> None:
+    add(name, summary, f"{__name__}:train_online", reads="prompts", params=ONLINE + params,
+        online=True, trainer_class=f"{_TRAINERS}:{trainer}", config_class=f"trl:{config}",
+        pair_loss=pair_loss, fixed=fixed or {}, trainer_kwargs=trainer_kwargs or {},
+        mixture=mixture, default_loss=default_loss, **kw)
+
+
+_online("grpo", "GRPO through TRL (--loss, --scale-rewards, --num-generations, --beta k3 KL, "
+        "--epsilon[-high], --importance-sampling sequence = GSPO)", params=GRPO,
+        trl="GRPOTrainer", default_beta=0.0, zero_beta_ok=True, trainer="AlignkitGRPOTrainer",
+        default_loss=GRPO_DEFAULT_LOSS)
+_online("gtpo", "GTPO: conflict-token protection + entropy filter, no reference in the loss",
+        params=(NUM_GENERATIONS, MASK_TRUNCATED, ENTROPY_THRESHOLD), default_beta=0.0,
+        no_beta="gtpo has no KL term (no --beta)", trainer="GTPOTrainer",
+        fixed={"scale_rewards": "none"}, trainer_kwargs={"entropy_threshold": "entropy_threshold"})
+_online("earl", "EARL: GRPO with the PG term gated to high-entropy tokens (--entropy-quantile, "
+        "--entropy-scope)", params=GRPO + (ENTROPY_QUANTILE, ENTROPY_SCOPE), default_beta=0.04,
+        zero_beta_ok=True, trainer="EARLTrainer", default_loss=GRPO_DEFAULT_LOSS,
+        trainer_kwargs={"entropy_scope": "entropy_scope"})
+_online("rloo", "RLOO through TRL (leave-one-out baseline, KL in the reward)",
+        params=(NUM_GENERATIONS, EPSILON, EPSILON_HIGH, MASK_TRUNCATED), trl="RLOOTrainer",
+        default_beta=0.05, zero_beta_ok=True, trainer="AlignkitRLOOTrainer", config="RLOOConfig")
+_online("p3o", "P3O: pairwise PPO on two samples per prompt (--clip pair|token, --beta = kappa)",
+        params=(CLIP, EPSILON), default_lr=5e-7, default_beta=0.01, needs_ref=True,
+        zero_beta_ok=True, trainer="PairTrainer", pair_loss="p3o", fixed={"num_iterations": 2},
+        trainer_kwargs={"clip": "clip", "epsilon": "eps"})
+_online("online-ipo", "online IPO: two policy samples per prompt labelled by the scorer "
+        "(--beta = tau)", default_beta=0.1, needs_ref=True, trainer="PairTrainer",
+        pair_loss="ipo")
+_online("ipo-md", "IPO-MD: online IPO on samples from the geometric mixture with the reference "
+        "(--alpha)", params=(ALPHA,), default_beta=0.1, needs_ref=True, trainer="PairTrainer",
+        pair_loss="ipo", mixture=True)
 
 
 def reward_specs(values: list[str] | None) -> list[str]:
@@ -74,101 +165,50 @@ def reward_specs(values: list[str] | None) -> list[str]:
     return specs
 
 
-def _choice(o: dict, key: str, allowed: tuple, default):
-    value = o.get(key)
-    value = default if value is None else value
-    if value not in allowed:
-        raise UsageError(f"--{key.replace('_', '-')} must be one of {', '.join(allowed)}, got {value!r}")
-    return value
-
-
-def _number(o: dict, key: str, default, lo: float, hi: float = float("inf"),
-            lo_open: bool = False):
-    value = o.get(key)
-    value = default if value is None else value
-    if value is None:
-        return None
-    bad = value <= lo if lo_open else value < lo
-    if bad or value > hi:
-        rng = f"{'(' if lo_open else '['}{lo}, {hi}]" if hi != float("inf") else \
-            f"{'>' if lo_open else '>='} {lo}"
-        raise UsageError(f"--{key.replace('_', '-')} must be {rng}, got {value}")
-    return value
-
-
 @dataclass
 class Plan:
-    """What one online method needs: its trainer, TRL config fields, trainer kwargs."""
+    """What one online method needs: its trainer and TRL config ("module:attribute"), the
+    config fields, the trainer kwargs, the mixture weight and the hyperparameters."""
     trainer: str
-    config: str = "GRPOConfig"
+    config: str
+    beta: float | None = None          # the method's beta (for pair methods: the loss's)
     fields: dict = field(default_factory=dict)
     kwargs: dict = field(default_factory=dict)
+    alpha: float = 0.0                 # the reference's weight in the sampler (ipo-md)
     hparams: dict = field(default_factory=dict)
 
 
-def plan(method: Method, o: dict, opts: TrainOptions) -> Plan:
+def plan(run: PolicyRun) -> Plan:
     """Check the method's options (UsageError) and map them to TRL settings."""
-    name = method.name
-    beta = o.get("beta")
-    beta = method.default_beta if beta is None else beta
-    if name == "gtpo":
-        if o.get("beta") is not None:
-            raise UsageError("gtpo has no KL term (no --beta)")
-        beta = 0.0
-    elif name in ("online-ipo", "ipo-md"):
-        _number({"beta": beta}, "beta", None, 0.0, lo_open=True)
-    else:
-        _number({"beta": beta}, "beta", None, 0.0)
-    o["beta"] = beta
-    pair = name in ("p3o", "online-ipo", "ipo-md")
-    G = 2 if pair else int(_number(o, "num_generations", DEFAULTS["num_generations"], 2))
+    m, opts = run.method, run.opts
+    o = dict(run.options)
+    beta = method_beta(run)
+    G = 2 if m.pair_loss else o["num_generations"]
     per_step = opts.batch_size * opts.grad_accum * int(os.environ.get("WORLD_SIZE", "1") or 1)
     if per_step % G:
-        what = "2 (two samples per prompt)" if pair else f"--num-generations ({G})"
+        what = "2 (two samples per prompt)" if m.pair_loss else f"--num-generations ({G})"
         raise UsageError(f"--batch-size x --grad-accum x processes ({per_step}) counts completions "
                          f"and must be a multiple of {what}")
-    if pair and opts.batch_size % 2:
-        raise UsageError(f"--batch-size must be even for {name} (the two samples of a prompt "
+    if m.pair_loss and opts.batch_size % 2:
+        raise UsageError(f"--batch-size must be even for {m.name} (the two samples of a prompt "
                          "stay in one step)")
-    fields = dict(num_generations=G,
-                  max_completion_length=int(_number(o, "max_new_tokens", DEFAULTS["max_new_tokens"], 1)),
-                  temperature=float(_number(o, "temperature", DEFAULTS["temperature"], 0.0, lo_open=True)),
-                  beta=float(beta), log_completions=False)
-    eps = _number(o, "epsilon", DEFAULTS["epsilon"], 0.0, lo_open=True)
-    if "epsilon" in method.options:
-        fields["epsilon"] = eps
-    if o.get("epsilon_high") is not None:
-        fields["epsilon_high"] = _number(o, "epsilon_high", None, 0.0, lo_open=True)
-    if o.get("mask_truncated"):
-        fields["mask_truncated_completions"] = True
-    p = Plan(trainer={"grpo": "AlignkitGRPOTrainer", "earl": "EARLTrainer", "gtpo": "GTPOTrainer",
-                      "rloo": "AlignkitRLOOTrainer"}.get(name, "PairTrainer"),
-             config="RLOOConfig" if name == "rloo" else "GRPOConfig", fields=fields)
-    if name in ("grpo", "earl"):
-        fields["loss_type"] = _choice(o, "loss", GRPO_LOSSES, "dapo")
-        fields["scale_rewards"] = _choice(o, "scale_rewards", ("group", "batch", "none"), "group")
-        fields["importance_sampling_level"] = _choice(o, "importance_sampling",
-                                                      ("token", "sequence"), "token")
-    if name == "earl":
-        fields["top_entropy_quantile"] = float(_number(o, "entropy_quantile", DEFAULTS["entropy_quantile"],
-                                                       0.0, 1.0, lo_open=True))
-        p.kwargs["entropy_scope"] = _choice(o, "entropy_scope", ("batch", "response"), "batch")
-    if name == "gtpo":
-        fields["scale_rewards"] = "none"
-        p.kwargs["entropy_threshold"] = float(_number(o, "entropy_threshold",
-                                                      DEFAULTS["entropy_threshold"], 0.0))
-    if pair:
+    if "loss" in o:
+        o["loss"] = GRPO_LOSS.coerce(o["loss"] or m.default_loss)
+    fields = dict(num_generations=G, beta=float(beta), log_completions=False)
+    for name, key in CONFIG_FIELDS.items():
+        if name in o and o[name] is not None and o[name] is not False:
+            fields[key] = o[name]
+    fields.update(m.fixed)
+    kwargs = {kw: o[name] for name, kw in m.trainer_kwargs.items()}
+    if m.pair_loss:
         fields["beta"] = 0.0  # the pair losses hold their own coefficient
-        p.kwargs.update(kind="p3o" if name == "p3o" else "ipo", coef=float(beta))
-        if name == "p3o":
-            p.kwargs.update(clip=_choice(o, "clip", ("pair", "token"), DEFAULTS["clip"]), eps=eps)
-            fields["num_iterations"] = DEFAULTS["p3o_iterations"]
-    alpha = 0.0
-    if name == "ipo-md":
-        alpha = float(_number(o, "alpha", DEFAULTS["alpha"], 0.0, 1.0))
-    p.kwargs["alpha"] = alpha
+        kwargs.update(kind=m.pair_loss, coef=float(beta))
+    p = Plan(trainer=m.trainer_class, config=m.config_class, beta=beta, fields=fields,
+             kwargs=kwargs)
     p.hparams = {k: v for k, v in fields.items() if k not in ("log_completions", "beta")}
-    p.hparams.update({k: v for k, v in p.kwargs.items() if k != "alpha" or name == "ipo-md"})
+    p.hparams.update(kwargs)
+    if m.mixture:
+        p.alpha = p.hparams["alpha"] = o["alpha"]
     return p
 
 
@@ -223,67 +263,63 @@ def _prompt_rows(data: Data, tok, max_new_tokens: int, max_length: int) -> tuple
     return rows, dropped
 
 
-def train_online(method: Method, model_spec: str, data: Data, out, opts: TrainOptions, **o) -> Path:
+@quiet
+def train_online(run: PolicyRun) -> Path:
     """grpo, gtpo, earl, rloo, p3o, online-ipo, ipo-md (see the module docstring)."""
-    from .offline import quiet
-    return quiet(_train_online)(method, model_spec, data, out, opts, **o)
-
-
-def _train_online(method: Method, model_spec: str, data: Data, out, opts: TrainOptions, **o) -> Path:
-    import trl
     from datasets import Dataset
 
     from ..models import load_tokenizer, model_sha256
-    from ..scorers import build_scorer
+    from ..scorers.options import ScorerOptions
+    from ..training import lora_config, prepare_run
     from . import online_trainers
-    from .offline import _config, _config_overrides, _finish, _hparams, _load_policy, _load_policy_ref
+    m, opts, data = run.method, run.opts, run.data
     started = time.time()
-    p = plan(method, o, opts)
-    config_cls = getattr(trl, p.config)
-    _config_overrides(config_cls, o)
-    specs = reward_specs(o.get("rewards"))
-    scorer = build_scorer(specs, o.get("reward_weights"), hybrid=bool(o.get("hybrid")),
-                          calibrate=o.get("calibrate"), transform=o.get("transform"),
-                          allow_pickle=o.get("allow_pickle", False),
-                          trust_remote_code=o.get("trust_remote_code", False))
+    p = plan(run)
+    config_cls = import_attr(p.config)
+    config_overrides(config_cls, run)
+    specs = reward_specs(run.rewards)
+    scoring = run.scoring if run.scoring is not None else ScorerOptions()
+    # the scorer models keep their own dtype ("auto"), as `alignkit score` without --dtype
+    scorer = scoring.build(specs, run.reward_weights, dtype="auto",
+                           allow_pickle=run.allow_pickle,
+                           trust_remote_code=run.trust_remote_code)
     _check_rules(data, scorer)
-    tok = load_tokenizer(model_spec, o.get("trust_remote_code", False))
+    tok = load_tokenizer(run.model, run.trust_remote_code)
     rows, dropped = _prompt_rows(data, tok, p.fields["max_completion_length"], opts.max_length)
-    sample_every = int(_number(o, "sample_every", DEFAULTS["sample_every"], 0))
+    sample_every = run.options["sample_every"]
     for key in ("min_p", "repetition_penalty", "use_vllm"):
-        if key in (o.get("config") or {}):
+        if key in run.config:
             raise UsageError(f"--opt {key}: online methods sample with alignkit's sampler, "
                              "which has no such setting")
 
-    work = prepare_run(out, opts)
-    model, tok = _load_policy(model_spec, opts, o)
-    ref_spec = o.get("ref_model") or model_spec
+    work = prepare_run(run.out, opts)
+    model, tok = load_policy(run)
+    ref_spec = run.ref_model or run.model
     ref = None
-    if opts.lora_r <= 0 or o.get("ref_model") or method.name == "ipo-md":
-        ref, _ = _load_policy_ref(ref_spec, opts, o)
+    if opts.lora_r <= 0 or run.ref_model or m.mixture:  # the mixture sampler needs its own
+        ref, _ = load_reference(ref_spec, run)
         if hasattr(ref, "merge_and_unload"):
             ref = ref.merge_and_unload()
     try:
-        cfg = _config(config_cls, opts, work, o, **p.fields)
+        cfg = config(config_cls, run, work, **p.fields)
     except ValueError as e:  # TRL's own checks of the batch geometry
         raise UsageError(str(e)) from None
     ctx = online_trainers.OnlineContext(
         records=data.records, tokenizer=tok, work=work, seed=opts.seed, sample_every=sample_every,
-        alpha=p.kwargs.pop("alpha"), resumed=opts.resume,
-        gen={"model": str(out), "base": str(model_spec), "method": method.name,
+        alpha=p.alpha, resumed=opts.resume,
+        gen={"model": str(run.out), "base": str(run.model), "method": m.name,
              "temperature": cfg.temperature, "top_p": cfg.top_p,
              "max_new_tokens": cfg.max_completion_length, "seed": opts.seed})
-    trainer = getattr(online_trainers, p.trainer)(
+    trainer = import_attr(p.trainer)(
         model=model, reward_funcs=[_reward_fn(scorer, data.records)], args=cfg,
         train_dataset=Dataset.from_list(rows), processing_class=tok,
         peft_config=lora_config(opts), ctx=ctx, ref_model=ref, **p.kwargs)
     del ref
     reference = {"spec": str(ref_spec), "sha256": model_sha256(ref_spec),
-                 "kind": "folder" if o.get("ref_model") else
+                 "kind": "folder" if run.ref_model else
                  ("base (adapter disabled)" if trainer.ref_model is None else "base")}
-    hp = _hparams(method, opts, o, rewards=specs, reward_weights=o.get("reward_weights"),
-                  hybrid=bool(o.get("hybrid")), calibrate=o.get("calibrate"),
-                  transform=o.get("transform"), sample_every=sample_every, **p.hparams)
+    hp = hparams(run, p.beta, rewards=specs, reward_weights=run.reward_weights,
+                 hybrid=bool(scoring.hybrid), calibrate=scoring.calibrate,
+                 transform=scoring.transform, sample_every=sample_every, **p.hparams)
     counts = {"records": len(data.records), "prompts": len(rows), "dropped": dropped}
-    return _finish(trainer, method, model_spec, data, out, work, opts, tok, started, hp,
-                   reference, counts)
+    return finish(trainer, run, work, tok, started, hp, reference, counts)

@@ -295,7 +295,7 @@ class GTPOTrainer(_GRPOBase):
     conflict-token weights computed on the whole group after each rollout, the entropy
     filter and the loss of online_losses.gtpo_loss (no clipping, no KL, no reference)."""
 
-    def __init__(self, *args, entropy_threshold: float = L.GTPO_ENTROPY_THRESHOLD, **kwargs):
+    def __init__(self, *args, entropy_threshold: float, **kwargs):
         self.entropy_threshold = entropy_threshold
         super().__init__(*args, **kwargs)
 
