@@ -101,7 +101,10 @@ def prepare_run(out: str | Path, opts: TrainOptions) -> Path:
 
 
 def last_checkpoint(work: Path) -> str | None:
-    ckpts = sorted((p for p in work.glob("checkpoint-*") if p.is_dir()),
+    """The newest complete checkpoint in the work folder (one a kill cut short while it
+    was being written lacks its trainer_state.json and is skipped)."""
+    ckpts = sorted((p for p in work.glob("checkpoint-*")
+                    if p.is_dir() and (p / "trainer_state.json").is_file()),
                    key=lambda p: int(p.name.split("-")[-1]) if p.name.split("-")[-1].isdigit() else -1)
     return str(ckpts[-1]) if ckpts else None
 
