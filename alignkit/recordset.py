@@ -155,13 +155,14 @@ def validated(path: str, kinds: Sequence[str] | str | None = None, *,
 
 
 def load(path: str, kinds: Sequence[str] | str | None = None, *,
-         check: Callable[[dict, str], None] | None = None, unique_ids: bool = False,
-         allow_empty: bool = False) -> Records:
-    """Read and validate a whole file (one record kind per file); see `checked`."""
+         check: Callable[[dict, str], None] | None = None, allow_empty: bool = False,
+         one_kind: bool = True) -> Records:
+    """Read and validate a whole file (one record kind per file unless `one_kind` is
+    False); see `checked`."""
     from .io import read_records
-    reader = read_records(path, unique_ids=unique_ids, allow_empty=allow_empty)
+    reader = read_records(path, allow_empty=allow_empty)
     records, lines, kind = [], [], None
-    for rec, k, line in checked(reader, kinds, check, one_kind=True):
+    for rec, k, line in checked(reader, kinds, check, one_kind=one_kind):
         records.append(rec)
         lines.append(line)
         kind = k

@@ -39,7 +39,8 @@ from typing import Any
 from .. import console
 from ..errors import DataError, UsageError
 from ..text import as_messages, completion_text  # noqa: F401  (the text layer)
-from ..records import detect_kind, validate
+from ..records import detect_kind
+from ..recordset import Records, load as load_records
 
 # The data kinds a method declares; the record kind each is validated as.
 DATA_KINDS = {
@@ -53,51 +54,21 @@ DATA_KINDS = {
 TOKENIZATION_VERSION = 2
 
 
-@dataclass
-class Data:
-    """Validated records of one input, with their line numbers and the input sha256."""
-    path: str
-    kind: str
-    records: list[dict]
-    lines: list[int]
-    sha256: str
+Data = Records  # validated records of one input (alignkit.recordset)
 
-    def error(self, i: int, field: str, problem: str) -> DataError:
-        name = "<stdin>" if self.path == "-" else self.path
-        return DataError(problem, name, self.lines[i], field)
+# The record kinds an "sft" method trains from (the chosen side of pairs, the best
+# scored completion of samples, unpaired records with label true, prompt+completion).
+SFT_KINDS = ("pair", "samples", "unpaired", "completion")
 
 
 def load(path: str, data_kind: str) -> Data:
     """Read and validate every record of `path` for a method of `data_kind`."""
-    from ..io import read_records
     if data_kind not in DATA_KINDS:
         raise ValueError(f"unknown data kind {data_kind!r}")
-    record_kind = DATA_KINDS[data_kind]
-    reader = read_records(path, record_kind)  # ids unique in prompt files
-    records, lines = [], []
-    for rec in reader:
-        line = getattr(reader, "line", len(records) + 1)
-        if data_kind == "sft":
-            try:
-                _validate_sft(rec)
-            except DataError as e:
-                raise e.at(reader.name, line) from None
-        records.append(rec)
-        lines.append(line)
-    return Data(path, data_kind, records, lines, reader.sha256 or "")
-
-
-def _validate_sft(rec: dict) -> None:
-    kind = detect_kind(rec)
-    if kind in ("pair", "samples", "unpaired"):
-        validate(rec, kind)
-        return
-    validate(rec, "prompt")
-    if "completion" not in rec:
-        raise DataError("missing required field (sft needs prompt+completion, pairs, "
-                        "samples or unpaired records)", field="completion")
-    validate({"id": "x", "prompt": rec["prompt"], "completion": rec["completion"],
-              "label": True}, "unpaired")
+    kinds = DATA_KINDS[data_kind] or SFT_KINDS
+    data = load_records(path, kinds, one_kind=False)
+    data.kind = data_kind
+    return data
 
 
 # --- text helpers -------------------------------------------------------------------------
