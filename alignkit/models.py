@@ -251,6 +251,13 @@ def torch_dtype(dtype: str):
     return table[dtype]
 
 
+def quiet_transformers() -> None:
+    """No transformers progress bars ("Loading weights", "Writing model shards"): alignkit
+    reports its own progress on stderr, and logs stay readable under cron and Make."""
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()
+
+
 def load_tokenizer(spec: str | Path, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
     folder = resolve(spec)
@@ -266,6 +273,7 @@ def load_causal_lm(spec: str | Path, dtype: str = "auto", *, allow_pickle: bool 
                    trust_remote_code: bool = False, trainable_adapter: bool = False,
                    device: str | None = None):
     """Load a causal LM (full folder, adapter folder, or embedded name) and its tokenizer."""
+    quiet_transformers()
     import transformers
     from transformers import AutoModelForCausalLM
     transformers.logging.set_verbosity_error()
@@ -289,6 +297,7 @@ def load_seq_cls(spec: str | Path, dtype: str = "auto", *, num_labels: int = 1,
                  allow_pickle: bool = False, trust_remote_code: bool = False):
     """Load a sequence-classification model (reward model) and its tokenizer. A causal
     LM folder gets a fresh score head (that is how train-rm starts from one)."""
+    quiet_transformers()
     import transformers
     from transformers import AutoModelForSequenceClassification
     transformers.logging.set_verbosity_error()
