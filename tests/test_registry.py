@@ -285,3 +285,39 @@ def test_import_alignkit_is_light_and_its_public_names_resolve():
     import alignkit
     for n in alignkit.__all__:
         assert getattr(alignkit, n) is not None
+
+
+def test_train_policy_reward_rm_aggregate_min_reaches_a_two_model_maxmin_folder(cli, tmp_path,
+                                                                              tiny_model):
+    """`train-policy --reward rm:MAXMIN --aggregate min`: the rewards the online trainer
+    records are the per-sample minimum of the folder's two reward models, computed here
+    independently with each model; `--aggregate mean` gives their mean."""
+    from alignkit.reward_models import load_reward_model
+    from alignkit.reward_models.synthetic import marker_pairs
+    from conftest import write_jsonl
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", marker_pairs(32, seed=1, user_groups=[0, 1]))
+    rm = tmp_path / "mm"
+    r = cli(["train-rm", "--method", "maxmin", "--model", tiny_model, pairs, "-o", rm, "--k", "2",
+             "--em-iters", "1", "--max-steps", "2", "--batch-size", "8", "--max-length", "48",
+             "--lr", "1e-2"])
+    assert r.code == 0, r
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"id": f"q{i}", "prompt": f"Say {i}."}
+                                                 for i in range(4)])
+    got = {}
+    for agg in ("min", "mean"):
+        out = tmp_path / f"pol-{agg}"
+        r = cli(["train-policy", "--method", "grpo", "--model", tiny_model, prompts, "--reward",
+                 f"rm:{rm}", "--aggregate", agg, "--max-steps", "1", "--max-new-tokens", "6",
+                 "--batch-size", "8", "--sample-every", "1", "-o", out])
+        assert r.code == 0, r
+        recs = [json.loads(x) for x in (out / "samples.jsonl").read_text().splitlines()]
+        got[agg] = [(rec["prompt"], c["text"], c["score"]) for rec in recs for c in rec["completions"]]
+    from alignkit.reward_models.inference import seq_cls_rewards
+    mix = load_reward_model(rm, aggregate="mean")
+    assert len(mix.models) == 2
+    for agg, rows in got.items():
+        per_model = [seq_cls_rewards(m, mix.tokenizer, [p for p, _, _ in rows],
+                                     [t for _, t, _ in rows], max_length=1024) for m in mix.models]
+        assert any(abs(a - b) > 1e-3 for a, b in zip(*per_model))  # the two models disagree
+        want = [min(v) if agg == "min" else sum(v) / len(v) for v in zip(*per_model)]
+        assert [s for _, _, s in rows] == pytest.approx(want, abs=1e-4), agg
