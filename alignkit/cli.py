@@ -56,6 +56,28 @@ def main_options(
     console.set_verbosity(0 if quiet else 2 if verbose else 1)
 
 
+class _Registrar:
+    """What a command module's `register(app)` sees: `command()` adds the flags every
+    command has (--config FILE, -q, -v) before handing the function to typer."""
+
+    def __init__(self, target):
+        self._target = target
+
+    def command(self, *args, **kwargs):
+        from alignkit.commands._common import with_cli_flags
+        deco = self._target.command(*args, **kwargs)
+        return lambda fn: deco(with_cli_flags(fn))
+
+    def add_typer(self, sub, **kwargs):
+        from alignkit.commands._common import with_cli_flags
+        for info in sub.registered_commands:
+            info.callback = with_cli_flags(info.callback)
+        return self._target.add_typer(sub, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._target, name)
+
+
 for _name in COMMAND_MODULES:
     try:
         _mod = import_module(f"alignkit.commands.{_name}")
@@ -63,7 +85,7 @@ for _name in COMMAND_MODULES:
         if _e.name != f"alignkit.commands.{_name}":
             raise
         continue
-    _mod.register(app)
+    _mod.register(_Registrar(app))
 
 
 class Interrupted(KeyboardInterrupt):
@@ -74,29 +96,107 @@ def _on_sigterm(signum, frame):
     raise Interrupted()
 
 
-def _config_defaults(argv: list[str]) -> dict | None:
-    """`--config FILE` (YAML or TOML) -> click default_map for the subcommand.
+_MODEL_NAMES = {"model", "models", "teacher", "teacher_ref", "student", "ref_model", "baseline",
+                "base", "tokenizer", "pair_with_reference", "mixture"}
+_FILE_NAMES = {"input", "data", "pairs", "eval_pairs", "baseline_samples", "resume_from",
+               "training_metrics", "samples_out", "policy", "opt_file", "calibrate", "rubric"}
 
-    Keys are flag names with or without dashes (`max-new-tokens` or `max_new_tokens`);
-    flags given on the command line win, since they override defaults."""
-    if "--config" not in argv:
-        return None
-    i = argv.index("--config")
-    if i + 1 >= len(argv):
+
+def _metavar(param) -> str:
+    """The placeholder a user reads: FILE, DIR, MODEL, N, X, SPEC, A|B; none on flags."""
+    if getattr(param, "is_flag", False) or getattr(param, "count", False):
+        return ""
+    if getattr(param, "metavar", None):
+        return param.metavar
+    name = param.name or ""
+    ptype = getattr(param, "type", None)
+    choices = getattr(ptype, "choices", None)
+    desc = getattr(param, "type_descriptor", None)  # typer >= 0.29 keeps the annotation here
+    ann = getattr(desc, "annotation", None)
+    import typing
+    args = [a for a in typing.get_args(ann) if a is not type(None)] if ann is not None else []
+    if args and typing.get_origin(ann) is not list:
+        ann = args[0]
+    if typing.get_origin(ann) is list:
+        ann = (typing.get_args(ann) or (str,))[0]
+    if choices:
+        return "|".join(map(str, choices))
+    kind = getattr(ptype, "name", "") or {int: "integer", float: "float"}.get(ann, "")
+    if name in _MODEL_NAMES:
+        return "MODEL"
+    if name in ("output", "report"):
+        return "DIR" if name == "report" or "folder" in (getattr(param, "help", "") or "").lower() \
+            else "FILE"
+    if name in _FILE_NAMES:
+        return "FILE"
+    if name in ("method", "strategy"):
+        return name.upper()
+    named = {"scorer": "SPEC", "reward": "SPEC", "dtype": "DTYPE", "shard": "I/N",
+             "device": "DEVICE", "system": "TEXT", "weights": "W,W", "reward_weights": "W,W",
+             "loss_weights": "W,W", "opt": "KEY=VALUE", "lora_targets": "NAMES"}
+    if name in named:
+        return named[name]
+    if kind.startswith("integer"):
+        return "N"
+    if kind.startswith("float"):
+        return "X"
+    return "TEXT"
+
+
+def _readable_metavars(cmd) -> None:
+    """Replace typer's Python-type placeholders (<bool>, <str>, <list[str]>) in --help."""
+    for sub in getattr(cmd, "commands", {}).values():
+        _readable_metavars(sub)
+    original = cmd.get_help_option
+
+    def help_option(ctx, original=original):
+        opt = original(ctx)
+        if opt is not None:
+            opt.display_type_rich = lambda ctx: None
+        return opt
+    cmd.get_help_option = help_option
+    for param in getattr(cmd, "params", []):
+        label = _metavar(param)
+        param.display_type_rich = (lambda ctx, v=label: v or None)
+        if getattr(param, "param_type_name", "") == "option" and label:
+            param.metavar = label
+
+
+def click_command():
+    """The click command tree of `alignkit` (what --help, docs and completions read)."""
+    import typer.main
+    cmd = typer.main.get_command(app)
+    _readable_metavars(cmd)
+    return cmd
+
+
+def _config_after_command(argv: list[str]) -> list[str]:
+    """`alignkit --config FILE CMD ...` (or `--config=FILE`) means `alignkit CMD --config
+    FILE ...`: the file holds the command's flags, so the command reads it."""
+    out, moved, i = [], [], 0
+    while i < len(argv):
+        a = argv[i]
+        if a == "--config":
+            moved += argv[i:i + 2]
+            i += 2
+            continue
+        if a.startswith("--config="):
+            moved.append(a)
+            i += 1
+            continue
+        if not a.startswith("-"):  # the subcommand (and, for `models`, its own subcommand)
+            sub = [a]
+            if a == "models" and i + 1 < len(argv) and not argv[i + 1].startswith("-"):
+                sub.append(argv[i + 1])
+                i += 1
+            if not moved:
+                return argv
+            return out + sub + moved + argv[i + 1:]
+        out.append(a)
+        i += 1
+    if moved and len(moved) == 1 and moved[0] == "--config":
         raise typer.BadParameter("--config needs a file")
-    path = argv[i + 1]
-    del argv[i:i + 2]
-    cmd = next((a for a in argv if not a.startswith("-")), None)
-    if cmd is None:
-        return None
-    from .config import load_config
-    values = load_config(path)
-    import keyword
-
-    def pyname(key: str) -> str:  # `lambda` -> typer's parameter `lambda_`
-        name = key.lstrip("-").replace("-", "_")
-        return name + "_" if keyword.iskeyword(name) else name
-    return {cmd: {pyname(k): v for k, v in values.items()}}
+    return out + moved
 
 
 def _env_setup() -> None:
@@ -123,9 +223,8 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signal.SIGTERM, _on_sigterm)
     code = 0
     try:
-        default_map = _config_defaults(argv)
-        rv = app(args=argv, prog_name="alignkit", standalone_mode=False,
-                 **({"default_map": default_map} if default_map else {}))
+        argv = _config_after_command(argv)
+        rv = click_command().main(args=argv, prog_name="alignkit", standalone_mode=False)
         if isinstance(rv, int):
             code = rv
     except SystemExit as e:

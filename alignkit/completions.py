@@ -12,10 +12,8 @@ from pathlib import Path
 
 def _tree():
     """[(path tuple, [option names], [subcommand names])] for every command."""
-    import typer.main
-
-    from .cli import app
-    root = typer.main.get_command(app)
+    from .cli import click_command
+    root = click_command()
     out = []
 
     def walk(cmd, path):
@@ -42,12 +40,10 @@ OPTION_VALUES = {
 
 def _values() -> list[tuple[str, list[str], list[str]]]:
     """[(command, [option spellings], [values])] for the options of OPTION_VALUES."""
-    import typer.main
-
     from . import registries
-    from .cli import app
+    from .cli import click_command
     regs = registries()
-    root = typer.main.get_command(app)
+    root = click_command()
     out = []
     for (command, flag), kind in OPTION_VALUES.items():
         cmd = root.commands[command]

@@ -10,10 +10,8 @@ from pathlib import Path
 
 
 def _commands():
-    import typer.main
-
-    from .cli import app
-    root = typer.main.get_command(app)
+    from .cli import click_command
+    root = click_command()
     out = [((), root)]
 
     def walk(cmd, path):

@@ -46,7 +46,8 @@ def trust_remote_code_opt():
 
 
 def config_note() -> str:
-    return "Any flag can also come from --config FILE (YAML or TOML); command-line flags win."
+    return ("Flags from a YAML or TOML file (keys: flag names); command-line flags win, an "
+            "unknown key is an error.")
 
 
 # --- flags generated from declared parameters ---------------------------------------
@@ -163,3 +164,60 @@ def train_command(fn=None):
     from alignkit.training import TrainOptions
     deco = with_params(opts=TrainOptions)
     return deco(fn) if fn is not None else deco
+
+
+# --- flags every command has: --config FILE, -q/--quiet, -v/--verbose -------------------
+
+def _load_config(ctx, param, value):
+    """Eager: the file's values become the command's defaults (command-line flags win)."""
+    if not value:
+        return value
+    from alignkit.config import config_defaults, load_config
+    values = config_defaults(ctx.command.params, load_config(value), value,
+                             ctx.info_name or "")
+    ctx.default_map = {**(ctx.default_map or {}), **values}
+    return value
+
+
+def _verbosity(level: int):
+    def cb(ctx, param, value):
+        if value:
+            from alignkit import console
+            console.set_verbosity(level)
+        return value
+    return cb
+
+
+def with_cli_flags(fn):
+    """Add --config FILE, -q/--quiet and -v/--verbose to a command function."""
+    import functools
+    import inspect
+    sig = inspect.signature(fn)
+    extra = {
+        "config": (Optional[str], typer.Option(
+            None, "--config", metavar="FILE", is_eager=True, callback=_load_config,
+            expose_value=True, help=config_note())),
+        "quiet": (bool, typer.Option(False, "--quiet", "-q", callback=_verbosity(0),
+                                     help="Only errors on stderr.")),
+        "verbose": (bool, typer.Option(False, "--verbose", "-v", callback=_verbosity(2),
+                                       help="More detail on stderr.")),
+    }
+    names = set(sig.parameters)
+    added = [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=d, annotation=a)
+             for n, (a, d) in extra.items() if n not in names]
+    params = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in sig.parameters.values()]
+
+    @functools.wraps(fn)
+    def wrapper(**kwargs):
+        for p in added:
+            kwargs.pop(p.name, None)
+        return fn(**kwargs)
+
+    import typing
+    hints = typing.get_type_hints(fn)
+    params = [p.replace(annotation=hints.get(p.name, p.annotation)) for p in params] + added
+    wrapper.__signature__ = sig.replace(parameters=params)
+    wrapper.__annotations__ = {p.name: p.annotation for p in params
+                               if p.annotation is not inspect.Parameter.empty}
+    del wrapper.__wrapped__
+    return wrapper

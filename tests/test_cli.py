@@ -158,3 +158,37 @@ def test_os_errors_are_one_clean_line_naming_the_users_path(cli, tmp_path, monke
     r = cli(["score", "--scorer", "length", src, "-o", out])
     assert r.code == code, r
     assert r.err.strip() == f"Error: {out}: {exc.strerror}", r.err
+
+
+@pytest.mark.parametrize("where", ["before", "after", "equals"])
+def test_config_works_before_or_after_the_command_in_both_spellings(cli, tmp_path, where):
+    src = tmp_path / "s.jsonl"
+    src.write_text(json.dumps({"id": "a", "prompt": "p", "completions": [{"text": "a b c"}]}) + "\n")
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('scorer = ["length:2:1"]\nchunk = 1\n')
+    args = {"before": ["--config", cfg, "score", src], "after": ["score", src, "--config", cfg],
+            "equals": ["score", f"--config={cfg}", src]}[where]
+    r = cli(args)
+    assert r.code == 0, r
+    assert "length:2:1" in r.records[0]["completions"][0]["scores"]
+    # a flag on the command line wins over the file
+    r = cli([*args, "--scorer", "length"])
+    assert set(r.records[0]["completions"][0]["scores"]) == {"length"}
+
+
+def test_config_refuses_unknown_keys_naming_them(cli, tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("scorer: [length]\nmax_new_tokenz: 3\n")
+    r = cli(["score", "-", "--config", cfg], stdin="")
+    assert r.code == 2 and "unknown key 'max_new_tokenz'" in r.err and "alignkit score" in r.err
+
+
+def test_every_command_has_config_quiet_verbose_and_readable_placeholders(cli):
+    import re
+    for cmd in _subcommands():
+        r = cli([*cmd, "--help"])
+        assert r.code == 0, cmd
+        if "Commands" not in r.out:  # a group (`models`) has its subcommands' flags
+            for flag in ("--config", "--quiet", "--verbose"):
+                assert flag in r.out, (cmd, flag)
+        assert not re.search(r"<(bool|str|int|float|list\[\w+\])>", r.out), (cmd, r.out)
