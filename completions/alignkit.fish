@@ -17,304 +17,362 @@ complete -c alignkit -n '__fish_use_subcommand' -l version
 complete -c alignkit -n '__fish_use_subcommand' -s q
 complete -c alignkit -n '__fish_use_subcommand' -s v
 complete -c alignkit -n '__fish_seen_subcommand_from distill' -l allow-pickle
-complete -c alignkit -n '__fish_seen_subcommand_from distill' -l batch-size
-complete -c alignkit -n '__fish_seen_subcommand_from distill' -l beta
-complete -c alignkit -n '__fish_seen_subcommand_from distill' -l beta2
-complete -c alignkit -n '__fish_seen_subcommand_from distill' -l contrast
-complete -c alignkit -n '__fish_seen_subcommand_from distill' -l dtype
-complete -c alignkit -n '__fish_seen_subcommand_from distill' -l epochs
-complete -c alignkit -n '__fish_seen_subcommand_from distill' -l eval-split
+complete -c alignkit -n '__fish_seen_subcommand_from distill' -l batch-size -r
+complete -c alignkit -n '__fish_seen_subcommand_from distill' -l beta -r
+complete -c alignkit -n '__fish_seen_subcommand_from distill' -l beta2 -r
+complete -c alignkit -n '__fish_seen_subcommand_from distill' -l config -r
+complete -c alignkit -n '__fish_seen_subcommand_from distill' -l contrast -r
+complete -c alignkit -n '__fish_seen_subcommand_from distill' -l dtype -r
+complete -c alignkit -n '__fish_seen_subcommand_from distill' -l epochs -r
+complete -c alignkit -n '__fish_seen_subcommand_from distill' -l eval-split -r
 complete -c alignkit -n '__fish_seen_subcommand_from distill' -l force
-complete -c alignkit -n '__fish_seen_subcommand_from distill' -l grad-accum
+complete -c alignkit -n '__fish_seen_subcommand_from distill' -l grad-accum -r
 complete -c alignkit -n '__fish_seen_subcommand_from distill' -l gradient-checkpointing
-complete -c alignkit -n '__fish_seen_subcommand_from distill' -l kd-temperature
+complete -c alignkit -n '__fish_seen_subcommand_from distill' -l kd-temperature -r
 complete -c alignkit -n '__fish_seen_subcommand_from distill' -l len-norm
 complete -c alignkit -n '__fish_seen_subcommand_from distill' -l list-methods
-complete -c alignkit -n '__fish_seen_subcommand_from distill' -l lmbda
-complete -c alignkit -n '__fish_seen_subcommand_from distill' -l logging-steps
-complete -c alignkit -n '__fish_seen_subcommand_from distill' -l lora-alpha
-complete -c alignkit -n '__fish_seen_subcommand_from distill' -l lora-dropout
-complete -c alignkit -n '__fish_seen_subcommand_from distill' -l lora-r
-complete -c alignkit -n '__fish_seen_subcommand_from distill' -l lora-targets
-complete -c alignkit -n '__fish_seen_subcommand_from distill' -l lr
-complete -c alignkit -n '__fish_seen_subcommand_from distill' -l max-length
-complete -c alignkit -n '__fish_seen_subcommand_from distill' -l max-new-tokens
-complete -c alignkit -n '__fish_seen_subcommand_from distill' -l max-steps
+complete -c alignkit -n '__fish_seen_subcommand_from distill' -l lmbda -r
+complete -c alignkit -n '__fish_seen_subcommand_from distill' -l logging-steps -r
+complete -c alignkit -n '__fish_seen_subcommand_from distill' -l lora-alpha -r
+complete -c alignkit -n '__fish_seen_subcommand_from distill' -l lora-dropout -r
+complete -c alignkit -n '__fish_seen_subcommand_from distill' -l lora-r -r
+complete -c alignkit -n '__fish_seen_subcommand_from distill' -l lora-targets -r
+complete -c alignkit -n '__fish_seen_subcommand_from distill' -l lr -r
+complete -c alignkit -n '__fish_seen_subcommand_from distill' -l max-length -r
+complete -c alignkit -n '__fish_seen_subcommand_from distill' -l max-new-tokens -r
+complete -c alignkit -n '__fish_seen_subcommand_from distill' -l max-steps -r
 complete -c alignkit -n '__fish_seen_subcommand_from distill' -l merge-lora
-complete -c alignkit -n '__fish_seen_subcommand_from distill' -l method
+complete -c alignkit -n '__fish_seen_subcommand_from distill' -l method -x -a 'aligndistil tvdpp gkd context'
 complete -c alignkit -n '__fish_seen_subcommand_from distill' -l no-len-norm
-complete -c alignkit -n '__fish_seen_subcommand_from distill' -l num-samples
+complete -c alignkit -n '__fish_seen_subcommand_from distill' -l num-samples -r
 complete -c alignkit -n '__fish_seen_subcommand_from distill' -l on-policy
-complete -c alignkit -n '__fish_seen_subcommand_from distill' -l output
-complete -c alignkit -n '__fish_seen_subcommand_from distill' -l policy
-complete -c alignkit -n '__fish_seen_subcommand_from distill' -l responses
+complete -c alignkit -n '__fish_seen_subcommand_from distill' -l output -r
+complete -c alignkit -n '__fish_seen_subcommand_from distill' -l policy -r
+complete -c alignkit -n '__fish_seen_subcommand_from distill' -l quiet
+complete -c alignkit -n '__fish_seen_subcommand_from distill' -l responses -r
 complete -c alignkit -n '__fish_seen_subcommand_from distill' -l resume
-complete -c alignkit -n '__fish_seen_subcommand_from distill' -l save-steps
-complete -c alignkit -n '__fish_seen_subcommand_from distill' -l seed
-complete -c alignkit -n '__fish_seen_subcommand_from distill' -l student
-complete -c alignkit -n '__fish_seen_subcommand_from distill' -l student-config
-complete -c alignkit -n '__fish_seen_subcommand_from distill' -l teacher
-complete -c alignkit -n '__fish_seen_subcommand_from distill' -l teacher-ref
-complete -c alignkit -n '__fish_seen_subcommand_from distill' -l temperature
-complete -c alignkit -n '__fish_seen_subcommand_from distill' -l top-p
+complete -c alignkit -n '__fish_seen_subcommand_from distill' -l save-steps -r
+complete -c alignkit -n '__fish_seen_subcommand_from distill' -l seed -r
+complete -c alignkit -n '__fish_seen_subcommand_from distill' -l student -r -a 'smollm2-135m-instruct minilm-l6 tiny-llama'
+complete -c alignkit -n '__fish_seen_subcommand_from distill' -l student-config -r
+complete -c alignkit -n '__fish_seen_subcommand_from distill' -l teacher -r -a 'smollm2-135m-instruct minilm-l6 tiny-llama'
+complete -c alignkit -n '__fish_seen_subcommand_from distill' -l teacher-ref -r -a 'smollm2-135m-instruct minilm-l6 tiny-llama'
+complete -c alignkit -n '__fish_seen_subcommand_from distill' -l temperature -r
+complete -c alignkit -n '__fish_seen_subcommand_from distill' -l top-p -r
 complete -c alignkit -n '__fish_seen_subcommand_from distill' -l trust-remote-code
-complete -c alignkit -n '__fish_seen_subcommand_from distill' -l warmup-ratio
-complete -c alignkit -n '__fish_seen_subcommand_from distill' -l weight
-complete -c alignkit -n '__fish_seen_subcommand_from distill' -s m
-complete -c alignkit -n '__fish_seen_subcommand_from distill' -s n
-complete -c alignkit -n '__fish_seen_subcommand_from distill' -s o
-complete -c alignkit -n '__fish_seen_subcommand_from distill' -s s
-complete -c alignkit -n '__fish_seen_subcommand_from distill' -s t
+complete -c alignkit -n '__fish_seen_subcommand_from distill' -l verbose
+complete -c alignkit -n '__fish_seen_subcommand_from distill' -l warmup-ratio -r
+complete -c alignkit -n '__fish_seen_subcommand_from distill' -l weight -r
+complete -c alignkit -n '__fish_seen_subcommand_from distill' -s m -x -a 'aligndistil tvdpp gkd context'
+complete -c alignkit -n '__fish_seen_subcommand_from distill' -s n -r
+complete -c alignkit -n '__fish_seen_subcommand_from distill' -s o -r
+complete -c alignkit -n '__fish_seen_subcommand_from distill' -s q
+complete -c alignkit -n '__fish_seen_subcommand_from distill' -s s -r -a 'smollm2-135m-instruct minilm-l6 tiny-llama'
+complete -c alignkit -n '__fish_seen_subcommand_from distill' -s t -r -a 'smollm2-135m-instruct minilm-l6 tiny-llama'
+complete -c alignkit -n '__fish_seen_subcommand_from distill' -s v
+complete -c alignkit -n '__fish_seen_subcommand_from env' -l config -r
 complete -c alignkit -n '__fish_seen_subcommand_from env' -l json
-complete -c alignkit -n '__fish_seen_subcommand_from eval' -l aggregate
-complete -c alignkit -n '__fish_seen_subcommand_from eval' -l baseline
-complete -c alignkit -n '__fish_seen_subcommand_from eval' -l baseline-samples
-complete -c alignkit -n '__fish_seen_subcommand_from eval' -l batch-size
-complete -c alignkit -n '__fish_seen_subcommand_from eval' -l calibrate
-complete -c alignkit -n '__fish_seen_subcommand_from eval' -l dtype
+complete -c alignkit -n '__fish_seen_subcommand_from env' -l quiet
+complete -c alignkit -n '__fish_seen_subcommand_from env' -l verbose
+complete -c alignkit -n '__fish_seen_subcommand_from env' -s q
+complete -c alignkit -n '__fish_seen_subcommand_from env' -s v
+complete -c alignkit -n '__fish_seen_subcommand_from eval' -l aggregate -r
+complete -c alignkit -n '__fish_seen_subcommand_from eval' -l baseline -r -a 'smollm2-135m-instruct minilm-l6 tiny-llama'
+complete -c alignkit -n '__fish_seen_subcommand_from eval' -l baseline-samples -r
+complete -c alignkit -n '__fish_seen_subcommand_from eval' -l batch-size -r
+complete -c alignkit -n '__fish_seen_subcommand_from eval' -l calibrate -r
+complete -c alignkit -n '__fish_seen_subcommand_from eval' -l config -r
+complete -c alignkit -n '__fish_seen_subcommand_from eval' -l dtype -r
 complete -c alignkit -n '__fish_seen_subcommand_from eval' -l force
 complete -c alignkit -n '__fish_seen_subcommand_from eval' -l hybrid
-complete -c alignkit -n '__fish_seen_subcommand_from eval' -l kl-samples
-complete -c alignkit -n '__fish_seen_subcommand_from eval' -l limit
-complete -c alignkit -n '__fish_seen_subcommand_from eval' -l max-new-tokens
-complete -c alignkit -n '__fish_seen_subcommand_from eval' -l model
-complete -c alignkit -n '__fish_seen_subcommand_from eval' -l n-boot
+complete -c alignkit -n '__fish_seen_subcommand_from eval' -l kl-samples -r
+complete -c alignkit -n '__fish_seen_subcommand_from eval' -l limit -r
+complete -c alignkit -n '__fish_seen_subcommand_from eval' -l max-new-tokens -r
+complete -c alignkit -n '__fish_seen_subcommand_from eval' -l model -r -a 'smollm2-135m-instruct minilm-l6 tiny-llama'
+complete -c alignkit -n '__fish_seen_subcommand_from eval' -l n-boot -r
 complete -c alignkit -n '__fish_seen_subcommand_from eval' -l no-kl
-complete -c alignkit -n '__fish_seen_subcommand_from eval' -l num-samples
-complete -c alignkit -n '__fish_seen_subcommand_from eval' -l pairs
-complete -c alignkit -n '__fish_seen_subcommand_from eval' -l report
-complete -c alignkit -n '__fish_seen_subcommand_from eval' -l rubric
-complete -c alignkit -n '__fish_seen_subcommand_from eval' -l samples-out
-complete -c alignkit -n '__fish_seen_subcommand_from eval' -l scorer
-complete -c alignkit -n '__fish_seen_subcommand_from eval' -l scorer-batch-size
-complete -c alignkit -n '__fish_seen_subcommand_from eval' -l scorer-device
-complete -c alignkit -n '__fish_seen_subcommand_from eval' -l scorer-max-length
-complete -c alignkit -n '__fish_seen_subcommand_from eval' -l seed
-complete -c alignkit -n '__fish_seen_subcommand_from eval' -l system
-complete -c alignkit -n '__fish_seen_subcommand_from eval' -l temperature
-complete -c alignkit -n '__fish_seen_subcommand_from eval' -l tokenizer
-complete -c alignkit -n '__fish_seen_subcommand_from eval' -l top-p
-complete -c alignkit -n '__fish_seen_subcommand_from eval' -l training-metrics
-complete -c alignkit -n '__fish_seen_subcommand_from eval' -l transform
-complete -c alignkit -n '__fish_seen_subcommand_from eval' -l user
-complete -c alignkit -n '__fish_seen_subcommand_from eval' -l weights
-complete -c alignkit -n '__fish_seen_subcommand_from eval' -s b
-complete -c alignkit -n '__fish_seen_subcommand_from eval' -s m
-complete -c alignkit -n '__fish_seen_subcommand_from eval' -s n
-complete -c alignkit -n '__fish_seen_subcommand_from eval' -s s
+complete -c alignkit -n '__fish_seen_subcommand_from eval' -l num-samples -r
+complete -c alignkit -n '__fish_seen_subcommand_from eval' -l pairs -r
+complete -c alignkit -n '__fish_seen_subcommand_from eval' -l quiet
+complete -c alignkit -n '__fish_seen_subcommand_from eval' -l report -r
+complete -c alignkit -n '__fish_seen_subcommand_from eval' -l rubric -r
+complete -c alignkit -n '__fish_seen_subcommand_from eval' -l samples-out -r
+complete -c alignkit -n '__fish_seen_subcommand_from eval' -l scorer -x -a 'rules rm pairwise judge python length'
+complete -c alignkit -n '__fish_seen_subcommand_from eval' -l scorer-batch-size -r
+complete -c alignkit -n '__fish_seen_subcommand_from eval' -l scorer-device -r
+complete -c alignkit -n '__fish_seen_subcommand_from eval' -l scorer-max-length -r
+complete -c alignkit -n '__fish_seen_subcommand_from eval' -l seed -r
+complete -c alignkit -n '__fish_seen_subcommand_from eval' -l system -r
+complete -c alignkit -n '__fish_seen_subcommand_from eval' -l temperature -r
+complete -c alignkit -n '__fish_seen_subcommand_from eval' -l tokenizer -r -a 'smollm2-135m-instruct minilm-l6 tiny-llama'
+complete -c alignkit -n '__fish_seen_subcommand_from eval' -l top-p -r
+complete -c alignkit -n '__fish_seen_subcommand_from eval' -l training-metrics -r
+complete -c alignkit -n '__fish_seen_subcommand_from eval' -l transform -r
+complete -c alignkit -n '__fish_seen_subcommand_from eval' -l user -r
+complete -c alignkit -n '__fish_seen_subcommand_from eval' -l verbose
+complete -c alignkit -n '__fish_seen_subcommand_from eval' -l weights -r
+complete -c alignkit -n '__fish_seen_subcommand_from eval' -s b -r -a 'smollm2-135m-instruct minilm-l6 tiny-llama'
+complete -c alignkit -n '__fish_seen_subcommand_from eval' -s m -r -a 'smollm2-135m-instruct minilm-l6 tiny-llama'
+complete -c alignkit -n '__fish_seen_subcommand_from eval' -s n -r
+complete -c alignkit -n '__fish_seen_subcommand_from eval' -s q
+complete -c alignkit -n '__fish_seen_subcommand_from eval' -s s -x -a 'rules rm pairwise judge python length'
+complete -c alignkit -n '__fish_seen_subcommand_from eval' -s v
 complete -c alignkit -n '__fish_seen_subcommand_from gen-pairs' -l allow-pickle
-complete -c alignkit -n '__fish_seen_subcommand_from gen-pairs' -l alpha
-complete -c alignkit -n '__fish_seen_subcommand_from gen-pairs' -l batch-size
-complete -c alignkit -n '__fish_seen_subcommand_from gen-pairs' -l contrast-prompt
-complete -c alignkit -n '__fish_seen_subcommand_from gen-pairs' -l dtype
-complete -c alignkit -n '__fish_seen_subcommand_from gen-pairs' -l engine
-complete -c alignkit -n '__fish_seen_subcommand_from gen-pairs' -l max-new-tokens
-complete -c alignkit -n '__fish_seen_subcommand_from gen-pairs' -l mixture
-complete -c alignkit -n '__fish_seen_subcommand_from gen-pairs' -l model
-complete -c alignkit -n '__fish_seen_subcommand_from gen-pairs' -l num-samples
-complete -c alignkit -n '__fish_seen_subcommand_from gen-pairs' -l output
-complete -c alignkit -n '__fish_seen_subcommand_from gen-pairs' -l pair-with-reference
+complete -c alignkit -n '__fish_seen_subcommand_from gen-pairs' -l alpha -r
+complete -c alignkit -n '__fish_seen_subcommand_from gen-pairs' -l batch-size -r
+complete -c alignkit -n '__fish_seen_subcommand_from gen-pairs' -l config -r
+complete -c alignkit -n '__fish_seen_subcommand_from gen-pairs' -l contrast-prompt -r
+complete -c alignkit -n '__fish_seen_subcommand_from gen-pairs' -l dtype -r
+complete -c alignkit -n '__fish_seen_subcommand_from gen-pairs' -l engine -r
+complete -c alignkit -n '__fish_seen_subcommand_from gen-pairs' -l max-new-tokens -r
+complete -c alignkit -n '__fish_seen_subcommand_from gen-pairs' -l mixture -r -a 'smollm2-135m-instruct minilm-l6 tiny-llama'
+complete -c alignkit -n '__fish_seen_subcommand_from gen-pairs' -l model -r -a 'smollm2-135m-instruct minilm-l6 tiny-llama'
+complete -c alignkit -n '__fish_seen_subcommand_from gen-pairs' -l num-samples -r
+complete -c alignkit -n '__fish_seen_subcommand_from gen-pairs' -l output -r
+complete -c alignkit -n '__fish_seen_subcommand_from gen-pairs' -l pair-with-reference -r -a 'smollm2-135m-instruct minilm-l6 tiny-llama'
+complete -c alignkit -n '__fish_seen_subcommand_from gen-pairs' -l quiet
 complete -c alignkit -n '__fish_seen_subcommand_from gen-pairs' -l raw
-complete -c alignkit -n '__fish_seen_subcommand_from gen-pairs' -l resume-from
-complete -c alignkit -n '__fish_seen_subcommand_from gen-pairs' -l seed
-complete -c alignkit -n '__fish_seen_subcommand_from gen-pairs' -l shard
-complete -c alignkit -n '__fish_seen_subcommand_from gen-pairs' -l system
-complete -c alignkit -n '__fish_seen_subcommand_from gen-pairs' -l temperature
-complete -c alignkit -n '__fish_seen_subcommand_from gen-pairs' -l top-k
-complete -c alignkit -n '__fish_seen_subcommand_from gen-pairs' -l top-p
+complete -c alignkit -n '__fish_seen_subcommand_from gen-pairs' -l resume-from -r
+complete -c alignkit -n '__fish_seen_subcommand_from gen-pairs' -l seed -r
+complete -c alignkit -n '__fish_seen_subcommand_from gen-pairs' -l shard -r
+complete -c alignkit -n '__fish_seen_subcommand_from gen-pairs' -l system -r
+complete -c alignkit -n '__fish_seen_subcommand_from gen-pairs' -l temperature -r
+complete -c alignkit -n '__fish_seen_subcommand_from gen-pairs' -l top-k -r
+complete -c alignkit -n '__fish_seen_subcommand_from gen-pairs' -l top-p -r
 complete -c alignkit -n '__fish_seen_subcommand_from gen-pairs' -l trust-remote-code
-complete -c alignkit -n '__fish_seen_subcommand_from gen-pairs' -s m
-complete -c alignkit -n '__fish_seen_subcommand_from gen-pairs' -s n
-complete -c alignkit -n '__fish_seen_subcommand_from gen-pairs' -s o
-complete -c alignkit -n '__fish_seen_subcommand_from merge-soup' -l base
-complete -c alignkit -n '__fish_seen_subcommand_from merge-soup' -l density
-complete -c alignkit -n '__fish_seen_subcommand_from merge-soup' -l dtype
+complete -c alignkit -n '__fish_seen_subcommand_from gen-pairs' -l verbose
+complete -c alignkit -n '__fish_seen_subcommand_from gen-pairs' -s m -r -a 'smollm2-135m-instruct minilm-l6 tiny-llama'
+complete -c alignkit -n '__fish_seen_subcommand_from gen-pairs' -s n -r
+complete -c alignkit -n '__fish_seen_subcommand_from gen-pairs' -s o -r
+complete -c alignkit -n '__fish_seen_subcommand_from gen-pairs' -s q
+complete -c alignkit -n '__fish_seen_subcommand_from gen-pairs' -s v
+complete -c alignkit -n '__fish_seen_subcommand_from merge-soup' -l base -r -a 'smollm2-135m-instruct minilm-l6 tiny-llama'
+complete -c alignkit -n '__fish_seen_subcommand_from merge-soup' -l config -r
+complete -c alignkit -n '__fish_seen_subcommand_from merge-soup' -l density -r
+complete -c alignkit -n '__fish_seen_subcommand_from merge-soup' -l dtype -r
 complete -c alignkit -n '__fish_seen_subcommand_from merge-soup' -l force
-complete -c alignkit -n '__fish_seen_subcommand_from merge-soup' -l lambda
-complete -c alignkit -n '__fish_seen_subcommand_from merge-soup' -l max-shard-size
-complete -c alignkit -n '__fish_seen_subcommand_from merge-soup' -l method
+complete -c alignkit -n '__fish_seen_subcommand_from merge-soup' -l lambda -r
+complete -c alignkit -n '__fish_seen_subcommand_from merge-soup' -l max-shard-size -r
+complete -c alignkit -n '__fish_seen_subcommand_from merge-soup' -l method -x -a 'linear uniform slerp task-arithmetic ties dare-linear dare-ties'
 complete -c alignkit -n '__fish_seen_subcommand_from merge-soup' -l no-normalize
 complete -c alignkit -n '__fish_seen_subcommand_from merge-soup' -l normalize
-complete -c alignkit -n '__fish_seen_subcommand_from merge-soup' -l output
-complete -c alignkit -n '__fish_seen_subcommand_from merge-soup' -l rescale
-complete -c alignkit -n '__fish_seen_subcommand_from merge-soup' -l seed
-complete -c alignkit -n '__fish_seen_subcommand_from merge-soup' -l sign
-complete -c alignkit -n '__fish_seen_subcommand_from merge-soup' -l t
-complete -c alignkit -n '__fish_seen_subcommand_from merge-soup' -l weights
-complete -c alignkit -n '__fish_seen_subcommand_from merge-soup' -s m
-complete -c alignkit -n '__fish_seen_subcommand_from merge-soup' -s o
+complete -c alignkit -n '__fish_seen_subcommand_from merge-soup' -l output -r
+complete -c alignkit -n '__fish_seen_subcommand_from merge-soup' -l quiet
+complete -c alignkit -n '__fish_seen_subcommand_from merge-soup' -l rescale -r
+complete -c alignkit -n '__fish_seen_subcommand_from merge-soup' -l seed -r
+complete -c alignkit -n '__fish_seen_subcommand_from merge-soup' -l sign -r
+complete -c alignkit -n '__fish_seen_subcommand_from merge-soup' -l t -r
+complete -c alignkit -n '__fish_seen_subcommand_from merge-soup' -l verbose
+complete -c alignkit -n '__fish_seen_subcommand_from merge-soup' -l weights -r
+complete -c alignkit -n '__fish_seen_subcommand_from merge-soup' -s m -x -a 'linear uniform slerp task-arithmetic ties dare-linear dare-ties'
+complete -c alignkit -n '__fish_seen_subcommand_from merge-soup' -s o -r
+complete -c alignkit -n '__fish_seen_subcommand_from merge-soup' -s q
+complete -c alignkit -n '__fish_seen_subcommand_from merge-soup' -s v
 complete -c alignkit -n '__fish_seen_subcommand_from models' -f -a list
 complete -c alignkit -n '__fish_seen_subcommand_from models' -f -a pull
 complete -c alignkit -n '__fish_seen_subcommand_from models' -f -a tiny
+complete -c alignkit -n '__fish_seen_subcommand_from models; and __fish_seen_subcommand_from list' -l config -r
+complete -c alignkit -n '__fish_seen_subcommand_from models; and __fish_seen_subcommand_from list' -l quiet
+complete -c alignkit -n '__fish_seen_subcommand_from models; and __fish_seen_subcommand_from list' -l verbose
+complete -c alignkit -n '__fish_seen_subcommand_from models; and __fish_seen_subcommand_from list' -s q
+complete -c alignkit -n '__fish_seen_subcommand_from models; and __fish_seen_subcommand_from list' -s v
+complete -c alignkit -n '__fish_seen_subcommand_from models; and __fish_seen_subcommand_from pull' -l config -r
 complete -c alignkit -n '__fish_seen_subcommand_from models; and __fish_seen_subcommand_from pull' -l force
-complete -c alignkit -n '__fish_seen_subcommand_from models; and __fish_seen_subcommand_from pull' -l to
+complete -c alignkit -n '__fish_seen_subcommand_from models; and __fish_seen_subcommand_from pull' -l quiet
+complete -c alignkit -n '__fish_seen_subcommand_from models; and __fish_seen_subcommand_from pull' -l to -r
+complete -c alignkit -n '__fish_seen_subcommand_from models; and __fish_seen_subcommand_from pull' -l verbose
+complete -c alignkit -n '__fish_seen_subcommand_from models; and __fish_seen_subcommand_from pull' -s q
+complete -c alignkit -n '__fish_seen_subcommand_from models; and __fish_seen_subcommand_from pull' -s v
+complete -c alignkit -n '__fish_seen_subcommand_from models; and __fish_seen_subcommand_from tiny' -l config -r
 complete -c alignkit -n '__fish_seen_subcommand_from models; and __fish_seen_subcommand_from tiny' -l force
-complete -c alignkit -n '__fish_seen_subcommand_from models; and __fish_seen_subcommand_from tiny' -l heads
-complete -c alignkit -n '__fish_seen_subcommand_from models; and __fish_seen_subcommand_from tiny' -l hidden
-complete -c alignkit -n '__fish_seen_subcommand_from models; and __fish_seen_subcommand_from tiny' -l layers
-complete -c alignkit -n '__fish_seen_subcommand_from models; and __fish_seen_subcommand_from tiny' -l out
-complete -c alignkit -n '__fish_seen_subcommand_from models; and __fish_seen_subcommand_from tiny' -l seed
-complete -c alignkit -n '__fish_seen_subcommand_from models; and __fish_seen_subcommand_from tiny' -l tokenizer-from
-complete -c alignkit -n '__fish_seen_subcommand_from models; and __fish_seen_subcommand_from tiny' -s o
-complete -c alignkit -n '__fish_seen_subcommand_from relabel' -l aggregate
-complete -c alignkit -n '__fish_seen_subcommand_from relabel' -l agree
-complete -c alignkit -n '__fish_seen_subcommand_from relabel' -l batch-size
-complete -c alignkit -n '__fish_seen_subcommand_from relabel' -l calibrate
+complete -c alignkit -n '__fish_seen_subcommand_from models; and __fish_seen_subcommand_from tiny' -l heads -r
+complete -c alignkit -n '__fish_seen_subcommand_from models; and __fish_seen_subcommand_from tiny' -l hidden -r
+complete -c alignkit -n '__fish_seen_subcommand_from models; and __fish_seen_subcommand_from tiny' -l layers -r
+complete -c alignkit -n '__fish_seen_subcommand_from models; and __fish_seen_subcommand_from tiny' -l out -r
+complete -c alignkit -n '__fish_seen_subcommand_from models; and __fish_seen_subcommand_from tiny' -l quiet
+complete -c alignkit -n '__fish_seen_subcommand_from models; and __fish_seen_subcommand_from tiny' -l seed -r
+complete -c alignkit -n '__fish_seen_subcommand_from models; and __fish_seen_subcommand_from tiny' -l tokenizer-from -r
+complete -c alignkit -n '__fish_seen_subcommand_from models; and __fish_seen_subcommand_from tiny' -l verbose
+complete -c alignkit -n '__fish_seen_subcommand_from models; and __fish_seen_subcommand_from tiny' -s o -r
+complete -c alignkit -n '__fish_seen_subcommand_from models; and __fish_seen_subcommand_from tiny' -s q
+complete -c alignkit -n '__fish_seen_subcommand_from models; and __fish_seen_subcommand_from tiny' -s v
+complete -c alignkit -n '__fish_seen_subcommand_from relabel' -l aggregate -r
+complete -c alignkit -n '__fish_seen_subcommand_from relabel' -l agree -r
+complete -c alignkit -n '__fish_seen_subcommand_from relabel' -l batch-size -r
+complete -c alignkit -n '__fish_seen_subcommand_from relabel' -l calibrate -r
+complete -c alignkit -n '__fish_seen_subcommand_from relabel' -l config -r
 complete -c alignkit -n '__fish_seen_subcommand_from relabel' -l dedupe
-complete -c alignkit -n '__fish_seen_subcommand_from relabel' -l dtype
+complete -c alignkit -n '__fish_seen_subcommand_from relabel' -l dtype -r
 complete -c alignkit -n '__fish_seen_subcommand_from relabel' -l hybrid
-complete -c alignkit -n '__fish_seen_subcommand_from relabel' -l k
-complete -c alignkit -n '__fish_seen_subcommand_from relabel' -l keep
-complete -c alignkit -n '__fish_seen_subcommand_from relabel' -l length-balance
-complete -c alignkit -n '__fish_seen_subcommand_from relabel' -l max-length
-complete -c alignkit -n '__fish_seen_subcommand_from relabel' -l min-chosen
-complete -c alignkit -n '__fish_seen_subcommand_from relabel' -l min-margin
+complete -c alignkit -n '__fish_seen_subcommand_from relabel' -l k -r
+complete -c alignkit -n '__fish_seen_subcommand_from relabel' -l keep -r
+complete -c alignkit -n '__fish_seen_subcommand_from relabel' -l length-balance -r
+complete -c alignkit -n '__fish_seen_subcommand_from relabel' -l max-length -r
+complete -c alignkit -n '__fish_seen_subcommand_from relabel' -l min-chosen -r
+complete -c alignkit -n '__fish_seen_subcommand_from relabel' -l min-margin -r
 complete -c alignkit -n '__fish_seen_subcommand_from relabel' -l no-system
-complete -c alignkit -n '__fish_seen_subcommand_from relabel' -l output
-complete -c alignkit -n '__fish_seen_subcommand_from relabel' -l quantile
-complete -c alignkit -n '__fish_seen_subcommand_from relabel' -l rm
-complete -c alignkit -n '__fish_seen_subcommand_from relabel' -l rubric
-complete -c alignkit -n '__fish_seen_subcommand_from relabel' -l scale
-complete -c alignkit -n '__fish_seen_subcommand_from relabel' -l scorer-batch-size
-complete -c alignkit -n '__fish_seen_subcommand_from relabel' -l scorer-device
-complete -c alignkit -n '__fish_seen_subcommand_from relabel' -l scorer-max-length
-complete -c alignkit -n '__fish_seen_subcommand_from relabel' -l seed
-complete -c alignkit -n '__fish_seen_subcommand_from relabel' -l shard
-complete -c alignkit -n '__fish_seen_subcommand_from relabel' -l strategy
-complete -c alignkit -n '__fish_seen_subcommand_from relabel' -l threshold
-complete -c alignkit -n '__fish_seen_subcommand_from relabel' -l tokenizer
-complete -c alignkit -n '__fish_seen_subcommand_from relabel' -l transform
-complete -c alignkit -n '__fish_seen_subcommand_from relabel' -l user
-complete -c alignkit -n '__fish_seen_subcommand_from relabel' -s o
-complete -c alignkit -n '__fish_seen_subcommand_from score' -l aggregate
+complete -c alignkit -n '__fish_seen_subcommand_from relabel' -l output -r
+complete -c alignkit -n '__fish_seen_subcommand_from relabel' -l quantile -r
+complete -c alignkit -n '__fish_seen_subcommand_from relabel' -l quiet
+complete -c alignkit -n '__fish_seen_subcommand_from relabel' -l rm -r
+complete -c alignkit -n '__fish_seen_subcommand_from relabel' -l rubric -r
+complete -c alignkit -n '__fish_seen_subcommand_from relabel' -l scale -r
+complete -c alignkit -n '__fish_seen_subcommand_from relabel' -l scorer-batch-size -r
+complete -c alignkit -n '__fish_seen_subcommand_from relabel' -l scorer-device -r
+complete -c alignkit -n '__fish_seen_subcommand_from relabel' -l scorer-max-length -r
+complete -c alignkit -n '__fish_seen_subcommand_from relabel' -l seed -r
+complete -c alignkit -n '__fish_seen_subcommand_from relabel' -l shard -r
+complete -c alignkit -n '__fish_seen_subcommand_from relabel' -l strategy -x -a 'best-worst all-pairs top-k sppo reward-augmented rank unpaired filter'
+complete -c alignkit -n '__fish_seen_subcommand_from relabel' -l threshold -r
+complete -c alignkit -n '__fish_seen_subcommand_from relabel' -l tokenizer -r -a 'smollm2-135m-instruct minilm-l6 tiny-llama'
+complete -c alignkit -n '__fish_seen_subcommand_from relabel' -l transform -r
+complete -c alignkit -n '__fish_seen_subcommand_from relabel' -l user -r
+complete -c alignkit -n '__fish_seen_subcommand_from relabel' -l verbose
+complete -c alignkit -n '__fish_seen_subcommand_from relabel' -s o -r
+complete -c alignkit -n '__fish_seen_subcommand_from relabel' -s q
+complete -c alignkit -n '__fish_seen_subcommand_from relabel' -s v
+complete -c alignkit -n '__fish_seen_subcommand_from schema' -l config -r
+complete -c alignkit -n '__fish_seen_subcommand_from schema' -l quiet
+complete -c alignkit -n '__fish_seen_subcommand_from schema' -l verbose
+complete -c alignkit -n '__fish_seen_subcommand_from schema' -s q
+complete -c alignkit -n '__fish_seen_subcommand_from schema' -s v
+complete -c alignkit -n '__fish_seen_subcommand_from score' -l aggregate -r
 complete -c alignkit -n '__fish_seen_subcommand_from score' -l allow-pickle
-complete -c alignkit -n '__fish_seen_subcommand_from score' -l batch-size
-complete -c alignkit -n '__fish_seen_subcommand_from score' -l calibrate
-complete -c alignkit -n '__fish_seen_subcommand_from score' -l chunk
-complete -c alignkit -n '__fish_seen_subcommand_from score' -l device
-complete -c alignkit -n '__fish_seen_subcommand_from score' -l dtype
+complete -c alignkit -n '__fish_seen_subcommand_from score' -l batch-size -r
+complete -c alignkit -n '__fish_seen_subcommand_from score' -l calibrate -r
+complete -c alignkit -n '__fish_seen_subcommand_from score' -l chunk -r
+complete -c alignkit -n '__fish_seen_subcommand_from score' -l config -r
+complete -c alignkit -n '__fish_seen_subcommand_from score' -l device -r
+complete -c alignkit -n '__fish_seen_subcommand_from score' -l dtype -r
 complete -c alignkit -n '__fish_seen_subcommand_from score' -l hybrid
-complete -c alignkit -n '__fish_seen_subcommand_from score' -l max-length
-complete -c alignkit -n '__fish_seen_subcommand_from score' -l output
-complete -c alignkit -n '__fish_seen_subcommand_from score' -l rubric
-complete -c alignkit -n '__fish_seen_subcommand_from score' -l scorer
-complete -c alignkit -n '__fish_seen_subcommand_from score' -l scorer-batch-size
-complete -c alignkit -n '__fish_seen_subcommand_from score' -l scorer-device
-complete -c alignkit -n '__fish_seen_subcommand_from score' -l scorer-max-length
-complete -c alignkit -n '__fish_seen_subcommand_from score' -l shard
-complete -c alignkit -n '__fish_seen_subcommand_from score' -l tokenizer
-complete -c alignkit -n '__fish_seen_subcommand_from score' -l transform
+complete -c alignkit -n '__fish_seen_subcommand_from score' -l max-length -r
+complete -c alignkit -n '__fish_seen_subcommand_from score' -l output -r
+complete -c alignkit -n '__fish_seen_subcommand_from score' -l quiet
+complete -c alignkit -n '__fish_seen_subcommand_from score' -l rubric -r
+complete -c alignkit -n '__fish_seen_subcommand_from score' -l scorer -x -a 'rules rm pairwise judge python length'
+complete -c alignkit -n '__fish_seen_subcommand_from score' -l scorer-batch-size -r
+complete -c alignkit -n '__fish_seen_subcommand_from score' -l scorer-device -r
+complete -c alignkit -n '__fish_seen_subcommand_from score' -l scorer-max-length -r
+complete -c alignkit -n '__fish_seen_subcommand_from score' -l shard -r
+complete -c alignkit -n '__fish_seen_subcommand_from score' -l tokenizer -r -a 'smollm2-135m-instruct minilm-l6 tiny-llama'
+complete -c alignkit -n '__fish_seen_subcommand_from score' -l transform -r
 complete -c alignkit -n '__fish_seen_subcommand_from score' -l trust-remote-code
-complete -c alignkit -n '__fish_seen_subcommand_from score' -l user
-complete -c alignkit -n '__fish_seen_subcommand_from score' -l weights
-complete -c alignkit -n '__fish_seen_subcommand_from score' -s o
-complete -c alignkit -n '__fish_seen_subcommand_from score' -s s
-complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l aggregate
+complete -c alignkit -n '__fish_seen_subcommand_from score' -l user -r
+complete -c alignkit -n '__fish_seen_subcommand_from score' -l verbose
+complete -c alignkit -n '__fish_seen_subcommand_from score' -l weights -r
+complete -c alignkit -n '__fish_seen_subcommand_from score' -s o -r
+complete -c alignkit -n '__fish_seen_subcommand_from score' -s q
+complete -c alignkit -n '__fish_seen_subcommand_from score' -s s -x -a 'rules rm pairwise judge python length'
+complete -c alignkit -n '__fish_seen_subcommand_from score' -s v
+complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l aggregate -r
 complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l allow-pickle
-complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l alpha
-complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l batch-size
-complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l beta
-complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l calibrate
-complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l clip
-complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l dtype
-complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l entropy-quantile
-complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l entropy-scope
-complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l entropy-threshold
-complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l epochs
-complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l epsilon
-complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l epsilon-high
+complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l alpha -r
+complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l batch-size -r
+complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l beta -r
+complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l calibrate -r
+complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l clip -r
+complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l config -r
+complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l dtype -r
+complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l entropy-quantile -r
+complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l entropy-scope -r
+complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l entropy-threshold -r
+complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l epochs -r
+complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l epsilon -r
+complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l epsilon-high -r
 complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l force
-complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l grad-accum
+complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l grad-accum -r
 complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l gradient-checkpointing
-complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l grao-lambda
+complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l grao-lambda -r
 complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l hybrid
-complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l importance-sampling
-complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l label-smoothing
+complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l importance-sampling -r
+complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l label-smoothing -r
 complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l list-methods
-complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l logging-steps
-complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l lora-alpha
-complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l lora-dropout
-complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l lora-r
-complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l lora-targets
-complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l loss
-complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l loss-weights
-complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l lr
+complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l logging-steps -r
+complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l lora-alpha -r
+complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l lora-dropout -r
+complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l lora-r -r
+complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l lora-targets -r
+complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l loss -r
+complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l loss-weights -r
+complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l lr -r
 complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l mask-truncated
-complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l max-length
-complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l max-new-tokens
-complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l max-steps
+complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l max-length -r
+complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l max-new-tokens -r
+complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l max-steps -r
 complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l merge-lora
-complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l method
-complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l model
+complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l method -x -a 'sft simpo orpo kto dpo sppo copg pro grao grpo gtpo earl rloo p3o online-ipo ipo-md'
+complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l model -r -a 'smollm2-135m-instruct minilm-l6 tiny-llama'
 complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l no-record-ref
 complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l no-ref-cache
-complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l num-generations
-complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l opt
-complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l output
-complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l ref-model
+complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l num-generations -r
+complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l opt -r
+complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l output -r
+complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l quiet
+complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l ref-model -r -a 'smollm2-135m-instruct minilm-l6 tiny-llama'
 complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l resume
-complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l reward
-complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l reward-weights
-complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l rubric
-complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l sample-every
-complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l save-steps
-complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l scale-rewards
-complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l scorer-batch-size
-complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l scorer-device
-complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l scorer-max-length
-complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l seed
-complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l sft-weight
-complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l simpo-gamma
-complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l temperature
-complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l tokenizer
-complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l transform
-complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l trust-remote-code
-complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l user
-complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l warmup-ratio
-complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -s m
-complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -s o
-complete -c alignkit -n '__fish_seen_subcommand_from train-rm' -l adapt-users
-complete -c alignkit -n '__fish_seen_subcommand_from train-rm' -l batch-size
-complete -c alignkit -n '__fish_seen_subcommand_from train-rm' -l center-rewards
-complete -c alignkit -n '__fish_seen_subcommand_from train-rm' -l curriculum
-complete -c alignkit -n '__fish_seen_subcommand_from train-rm' -l dtype
-complete -c alignkit -n '__fish_seen_subcommand_from train-rm' -l em-iters
-complete -c alignkit -n '__fish_seen_subcommand_from train-rm' -l epochs
-complete -c alignkit -n '__fish_seen_subcommand_from train-rm' -l eval-pairs
-complete -c alignkit -n '__fish_seen_subcommand_from train-rm' -l eval-split
-complete -c alignkit -n '__fish_seen_subcommand_from train-rm' -l force
-complete -c alignkit -n '__fish_seen_subcommand_from train-rm' -l grad-accum
-complete -c alignkit -n '__fish_seen_subcommand_from train-rm' -l gradient-checkpointing
-complete -c alignkit -n '__fish_seen_subcommand_from train-rm' -l head-lr
-complete -c alignkit -n '__fish_seen_subcommand_from train-rm' -l k
-complete -c alignkit -n '__fish_seen_subcommand_from train-rm' -l list-methods
-complete -c alignkit -n '__fish_seen_subcommand_from train-rm' -l logging-steps
-complete -c alignkit -n '__fish_seen_subcommand_from train-rm' -l lora-alpha
-complete -c alignkit -n '__fish_seen_subcommand_from train-rm' -l lora-dropout
-complete -c alignkit -n '__fish_seen_subcommand_from train-rm' -l lora-r
-complete -c alignkit -n '__fish_seen_subcommand_from train-rm' -l lora-targets
-complete -c alignkit -n '__fish_seen_subcommand_from train-rm' -l lr
-complete -c alignkit -n '__fish_seen_subcommand_from train-rm' -l max-length
-complete -c alignkit -n '__fish_seen_subcommand_from train-rm' -l max-steps
-complete -c alignkit -n '__fish_seen_subcommand_from train-rm' -l merge-lora
-complete -c alignkit -n '__fish_seen_subcommand_from train-rm' -l method
-complete -c alignkit -n '__fish_seen_subcommand_from train-rm' -l model
-complete -c alignkit -n '__fish_seen_subcommand_from train-rm' -l no-curriculum
-complete -c alignkit -n '__fish_seen_subcommand_from train-rm' -l noise-rate
-complete -c alignkit -n '__fish_seen_subcommand_from train-rm' -l output
-complete -c alignkit -n '__fish_seen_subcommand_from train-rm' -l pal-dim
-complete -c alignkit -n '__fish_seen_subcommand_from train-rm' -l resume
-complete -c alignkit -n '__fish_seen_subcommand_from train-rm' -l save-steps
-complete -c alignkit -n '__fish_seen_subcommand_from train-rm' -l seed
-complete -c alignkit -n '__fish_seen_subcommand_from train-rm' -l user-lr
-complete -c alignkit -n '__fish_seen_subcommand_from train-rm' -l warmup-ratio
-complete -c alignkit -n '__fish_seen_subcommand_from train-rm' -s m
-complete -c alignkit -n '__fish_seen_subcommand_from train-rm' -s o
-complete -c alignkit -n '__fish_seen_subcommand_from score' -l scorer -s s -x -a 'rules rm pairwise judge python length'
-complete -c alignkit -n '__fish_seen_subcommand_from eval' -l scorer -s s -x -a 'rules rm pairwise judge python length'
 complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l reward -x -a 'rules rm pairwise judge python length'
-complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l method -s m -x -a 'sft simpo orpo kto dpo sppo copg pro grao grpo gtpo earl rloo p3o online-ipo ipo-md'
+complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l reward-weights -r
+complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l rubric -r
+complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l sample-every -r
+complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l save-steps -r
+complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l scale-rewards -r
+complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l scorer-batch-size -r
+complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l scorer-device -r
+complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l scorer-max-length -r
+complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l seed -r
+complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l sft-weight -r
+complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l simpo-gamma -r
+complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l temperature -r
+complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l tokenizer -r -a 'smollm2-135m-instruct minilm-l6 tiny-llama'
+complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l transform -r
+complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l trust-remote-code
+complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l user -r
+complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l verbose
+complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l warmup-ratio -r
+complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -s m -x -a 'sft simpo orpo kto dpo sppo copg pro grao grpo gtpo earl rloo p3o online-ipo ipo-md'
+complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -s o -r
+complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -s q
+complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -s v
+complete -c alignkit -n '__fish_seen_subcommand_from train-rm' -l adapt-users
+complete -c alignkit -n '__fish_seen_subcommand_from train-rm' -l batch-size -r
+complete -c alignkit -n '__fish_seen_subcommand_from train-rm' -l center-rewards -r
+complete -c alignkit -n '__fish_seen_subcommand_from train-rm' -l config -r
+complete -c alignkit -n '__fish_seen_subcommand_from train-rm' -l curriculum
+complete -c alignkit -n '__fish_seen_subcommand_from train-rm' -l dtype -r
+complete -c alignkit -n '__fish_seen_subcommand_from train-rm' -l em-iters -r
+complete -c alignkit -n '__fish_seen_subcommand_from train-rm' -l epochs -r
+complete -c alignkit -n '__fish_seen_subcommand_from train-rm' -l eval-pairs -r
+complete -c alignkit -n '__fish_seen_subcommand_from train-rm' -l eval-split -r
+complete -c alignkit -n '__fish_seen_subcommand_from train-rm' -l force
+complete -c alignkit -n '__fish_seen_subcommand_from train-rm' -l grad-accum -r
+complete -c alignkit -n '__fish_seen_subcommand_from train-rm' -l gradient-checkpointing
+complete -c alignkit -n '__fish_seen_subcommand_from train-rm' -l head-lr -r
+complete -c alignkit -n '__fish_seen_subcommand_from train-rm' -l k -r
+complete -c alignkit -n '__fish_seen_subcommand_from train-rm' -l list-methods
+complete -c alignkit -n '__fish_seen_subcommand_from train-rm' -l logging-steps -r
+complete -c alignkit -n '__fish_seen_subcommand_from train-rm' -l lora-alpha -r
+complete -c alignkit -n '__fish_seen_subcommand_from train-rm' -l lora-dropout -r
+complete -c alignkit -n '__fish_seen_subcommand_from train-rm' -l lora-r -r
+complete -c alignkit -n '__fish_seen_subcommand_from train-rm' -l lora-targets -r
+complete -c alignkit -n '__fish_seen_subcommand_from train-rm' -l lr -r
+complete -c alignkit -n '__fish_seen_subcommand_from train-rm' -l margin
+complete -c alignkit -n '__fish_seen_subcommand_from train-rm' -l max-length -r
+complete -c alignkit -n '__fish_seen_subcommand_from train-rm' -l max-steps -r
+complete -c alignkit -n '__fish_seen_subcommand_from train-rm' -l merge-lora
 complete -c alignkit -n '__fish_seen_subcommand_from train-rm' -l method -x -a 'bt pal maxmin crm'
-complete -c alignkit -n '__fish_seen_subcommand_from distill' -l method -s m -x -a 'aligndistil tvdpp gkd context'
-complete -c alignkit -n '__fish_seen_subcommand_from merge-soup' -l method -s m -x -a 'linear uniform slerp task-arithmetic ties dare-linear dare-ties'
-complete -c alignkit -n '__fish_seen_subcommand_from relabel' -l strategy -x -a 'best-worst all-pairs top-k sppo reward-augmented rank unpaired filter'
+complete -c alignkit -n '__fish_seen_subcommand_from train-rm' -l model -r -a 'smollm2-135m-instruct minilm-l6 tiny-llama'
+complete -c alignkit -n '__fish_seen_subcommand_from train-rm' -l no-curriculum
+complete -c alignkit -n '__fish_seen_subcommand_from train-rm' -l noise-rate -r
+complete -c alignkit -n '__fish_seen_subcommand_from train-rm' -l output -r
+complete -c alignkit -n '__fish_seen_subcommand_from train-rm' -l pal-dim -r
+complete -c alignkit -n '__fish_seen_subcommand_from train-rm' -l quiet
+complete -c alignkit -n '__fish_seen_subcommand_from train-rm' -l resume
+complete -c alignkit -n '__fish_seen_subcommand_from train-rm' -l save-steps -r
+complete -c alignkit -n '__fish_seen_subcommand_from train-rm' -l seed -r
+complete -c alignkit -n '__fish_seen_subcommand_from train-rm' -l user-lr -r
+complete -c alignkit -n '__fish_seen_subcommand_from train-rm' -l verbose
+complete -c alignkit -n '__fish_seen_subcommand_from train-rm' -l warmup-ratio -r
+complete -c alignkit -n '__fish_seen_subcommand_from train-rm' -s m -r -a 'smollm2-135m-instruct minilm-l6 tiny-llama'
+complete -c alignkit -n '__fish_seen_subcommand_from train-rm' -s o -r
+complete -c alignkit -n '__fish_seen_subcommand_from train-rm' -s q
+complete -c alignkit -n '__fish_seen_subcommand_from train-rm' -s v

@@ -192,3 +192,28 @@ def test_every_command_has_config_quiet_verbose_and_readable_placeholders(cli):
             for flag in ("--config", "--quiet", "--verbose"):
                 assert flag in r.out, (cmd, flag)
         assert not re.search(r"<(bool|str|int|float|list\[\w+\])>", r.out), (cmd, r.out)
+
+
+@pytest.mark.parametrize("line, want, not_want", [
+    ("alignkit gen-pairs --model tiny --max", "--max-new-tokens", None),   # after an option value
+    ("alignkit score in.jsonl --sco", "--scorer", None),                 # after a positional
+    ("alignkit train-policy --method d", "dpo", "sft"),                  # a registry value
+    ("alignkit merge-soup a b --method ti", "ties", None),
+    ("alignkit relabel --strategy best", "best-worst", None),
+    ("alignkit eval --scorer ru", "rules", None),
+    ("alignkit gen-pairs --model smo", "smollm2-135m-instruct", None),   # embedded model names
+    ("alignkit mo", "models", None),
+    ("alignkit models pull --f", "--force", None),
+])
+def test_bash_completion_completes_real_command_lines(line, want, not_want):
+    """Runs the committed bash script the way bash's completion does."""
+    import shutil
+    if not shutil.which("bash"):
+        pytest.skip("no bash")
+    script = ROOT / "completions" / "alignkit.bash"
+    prog = (f"source '{script}'; COMP_WORDS=({line}); COMP_CWORD=$((${{#COMP_WORDS[@]}}-1)); "
+            "_alignkit; printf '%s\\n' \"${COMPREPLY[@]}\"")
+    p = subprocess.run(["bash", "-c", prog], capture_output=True, text=True, timeout=30)
+    got = p.stdout.split()
+    assert want in got, (line, got, p.stderr)
+    assert not_want is None or not_want not in got
