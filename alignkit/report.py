@@ -171,7 +171,7 @@ def markdown(metrics: dict, plots: list[str]) -> str:
 
 
 def write_report(metrics: dict, out_dir: str, metrics_files: list[str] | None = None, *,
-                 force: bool = False) -> Path:
+                 force: bool = False, manifest: dict | None = None) -> Path:
     """Write report.md, metrics.json and the plots into `out_dir` (atomically). An
     existing non-empty folder is replaced only with `force`; a file never."""
     check_output_dir(out_dir, force, empty_ok=True)
@@ -185,4 +185,6 @@ def write_report(metrics: dict, out_dir: str, metrics_files: list[str] | None = 
             plots.append("training.png")
         (tmp / "report.md").write_text(markdown(metrics, plots), encoding="utf-8")
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float) + "\n")
+        if manifest is not None:  # provenance (alignkit lineage reads it)
+            (tmp / "alignkit.json").write_text(json.dumps(manifest, indent=2, default=str) + "\n")
     return Path(out_dir)

@@ -74,9 +74,11 @@ def eval_cmd(
     if limit:
         records = records[:limit]
     base_recs = load_records(baseline_samples, "samples") if baseline_samples else None
+    pair_recs = load_records(pairs, "pair") if pairs else None  # every input read up front
     metrics, samples = evaluate(records, opts, list(model or []), baseline, base_recs)
-    if pairs:
-        metrics["rm_accuracy"] = rm_pairs_accuracy(load_records(pairs, "pair"), opts)
+    if pair_recs is not None:
+        metrics["rm_accuracy"] = rm_pairs_accuracy(pair_recs, opts)
+    inputs = _inputs(data, baseline_samples, pairs, samples)
     metrics["config"] = {"scorers": opts.scorers, "weights": w, "n": num_samples,
                          "temperature": temperature, "max_new_tokens": max_new_tokens,
                          "seed": seed, "dtype": dtype, "data": data}
@@ -85,13 +87,26 @@ def eval_cmd(
             path = samples_out if len(samples) == 1 else _labelled(samples_out, label)
             with RecordWriter(path) as wr:
                 wr.write_all(recs)
-            write_manifest(path, manifest(seed=seed, started=started, counts={"records": len(recs)}))
+            write_manifest(path, manifest(inputs=inputs, seed=seed, started=started,
+                                          counts={"records": len(recs)}))
     if report:
-        write_report(metrics, report, list(training_metrics or []), force=force)
+        write_report(metrics, report, list(training_metrics or []), force=force,
+                     manifest=manifest(inputs=inputs, seed=seed, started=started))
     _table(metrics)
     typer.echo(json.dumps(metrics, indent=2, default=float))
     if report:
         console.info(f"report: {report}/report.md")
+
+
+def _inputs(data: str, baseline_samples, pairs, samples: dict) -> dict:
+    """The manifest's inputs: the files read (sha256) and the models sampled."""
+    from alignkit.io import file_sha256
+    out = {p: file_sha256(p) for p in (data, baseline_samples, pairs) if p and p != "-"}
+    for recs in samples.values():
+        gen = (recs[0].get("gen") or {}) if recs else {}
+        if gen.get("model") and gen.get("model_sha256"):
+            out[f"model:{gen['model']}"] = gen["model_sha256"]
+    return out
 
 
 def _labelled(path: str, label: str) -> str:

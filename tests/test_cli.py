@@ -217,3 +217,27 @@ def test_bash_completion_completes_real_command_lines(line, want, not_want):
     got = p.stdout.split()
     assert want in got, (line, got, p.stderr)
     assert not_want is None or not_want not in got
+
+
+def test_lineage_marks_changed_and_missing_inputs(cli, tmp_path):
+    import hashlib
+    src = tmp_path / "prompts.jsonl"
+    src.write_text('{"id": "a", "prompt": "p"}\n')
+    out = tmp_path / "samples.jsonl"
+    out.write_text('{"id": "a", "prompt": "p", "completions": [{"text": "x"}]}\n')
+    sha = hashlib.sha256(src.read_bytes()).hexdigest()
+    (tmp_path / "samples.jsonl.alignkit.json").write_text(json.dumps({
+        "command": "alignkit gen-pairs prompts.jsonl", "seed": 0,
+        "inputs": {str(src): sha, str(tmp_path / "gone.jsonl"): "0" * 64,
+                   "model:tiny-llama": "f" * 64}}))
+    r = cli(["lineage", out, "--json"])
+    assert r.code == 0, r
+    tree = json.loads(r.out)
+    kids = {Path(k["artifact"]).name: k for k in tree["inputs"]}
+    assert kids["prompts.jsonl"]["status"] == "no manifest"
+    assert kids["gone.jsonl"]["status"] == "missing"
+    assert kids["tiny-llama"]["kind"] == "embedded model"
+    src.write_text('{"id": "b", "prompt": "q"}\n')  # changed since it was consumed
+    tree = json.loads(cli(["lineage", out, "--json"]).out)
+    assert {Path(k["artifact"]).name: k for k in tree["inputs"]}["prompts.jsonl"]["status"] == "changed"
+    assert cli(["lineage", tmp_path / "nothing"]).code == 2

@@ -21,6 +21,29 @@ def test_demo_tiny_chain(tmp_path):
                  "base-samples.jsonl", "report/report.md", "metrics.json"):
         assert (out / name).exists(), name
     assert "accuracy difference" in p.stdout
+    # provenance: the report walks back to the prompts and the base model
+    import json
+    lin = subprocess.run([str(ALIGNKIT), "lineage", str(out / "report"), "--json"],
+                         capture_output=True, text=True, timeout=120)
+    assert lin.returncode == 0, lin.stderr
+    tree = json.loads(lin.stdout)
+
+    def walk(node):
+        yield node
+        for child in node.get("inputs", []):
+            yield from walk(child)
+    nodes = list(walk(tree))
+    names = {Path(n["artifact"]).name for n in nodes}
+    assert {"heldout.jsonl", "aligned", "pairs.jsonl", "scored.jsonl", "samples.jsonl",
+            "train-prompts.jsonl", "tiny-llama"} <= names, names
+    by = {Path(n["artifact"]).name: n for n in nodes}
+    assert by["samples.jsonl"]["command"].startswith("alignkit gen-pairs")
+    assert by["pairs.jsonl"]["command"].startswith("alignkit relabel")
+    assert by["aligned"]["command"].startswith("alignkit train-policy")
+    assert all(n["status"] in ("ok", "no manifest", "seen") for n in nodes), nodes
+    text = subprocess.run([str(ALIGNKIT), "lineage", str(out / "aligned")], capture_output=True,
+                          text=True, timeout=120).stdout
+    assert "$ alignkit score" in text and "train-prompts.jsonl" in text
     # change only BETA -> only training and the final eval rerun (param files keep their
     # mtime unless their content changes, so sampling and scoring stay up to date)
     p3 = subprocess.run(["make", "-C", str(ROOT / "examples"), "demo-tiny", f"OUT={out}",
