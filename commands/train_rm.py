@@ -13,8 +13,8 @@ from ._common import input_arg, train_command, with_params
 @train_command
 @with_params(cfg=RMConfig, params=RM_METHODS)
 def train_rm(
-    pairs: str = input_arg("Pairs JSONL (prompt, chosen, rejected; optional margin, "
-                           "meta.user, meta.subset); '-' reads stdin."),
+    pairs: str = input_arg("Pairs JSONL (prompt, chosen, rejected; optional margin (used "
+                           "with --margin), meta.user, meta.subset); '-' reads stdin."),
     method: str = typer.Option("bt", "--method",
                                help=" | ".join(RM_METHODS.names()) + " (see --list-methods)."),
     model: Optional[str] = typer.Option(None, "--model", "-m",
@@ -31,11 +31,18 @@ def train_rm(
 ) -> None:
     """Train a reward model ({methods}) for `score --scorer rm:OUT`.
 
-    bt: TRL's RewardTrainer (optional per-pair margin, --center-rewards).
+    bt: TRL's RewardTrainer (--center-rewards). Plain Bradley-Terry by default,
+    even when the pairs carry `margin` (relabel writes one on every pair);
+    --margin (bt, maxmin, crm) trains −log σ(r_c − r_r − margin) instead.
+    OUT/alignkit.json says which ("margin_used").
 
     pal, maxmin: per-user preferences from meta.user (K prototypes, K models).
+    maxmin runs at most --em-iters EM rounds: {em_iters} by default, as in the
+    MaxMin-RLHF paper.
 
-    crm: two peers that filter each other's noisy pairs (--noise-rate).
+    crm: two peers that filter each other's noisy pairs (--noise-rate); the
+    peer with the better held-out accuracy is written (ties: model A), the
+    other goes to OUT/peer/.
 
     Each method takes the flags listed after its name in --list-methods; a flag of
     another method is ignored with a warning.
@@ -61,7 +68,8 @@ def train_rm(
     reward_models.train(method, pairs, model, output, opts, cfg)
 
 
-train_rm.__doc__ = train_rm.__doc__.replace("{methods}", ", ".join(RM_METHODS.names()))
+train_rm.__doc__ = train_rm.__doc__.replace("{methods}", ", ".join(RM_METHODS.names())).replace(
+    "{em_iters}", str(RM_METHODS.params()["em_iters"].default))
 
 
 def register(app: typer.Typer) -> None:

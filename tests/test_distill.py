@@ -257,6 +257,41 @@ def test_bad_records_exit_3(cli, tiny_model, tmp_path, records, where):
     assert res.code == 3 and f"bad.jsonl{where}" in res.err
 
 
+def test_duplicate_prompt_id_exits_3_at_its_line(cli, tiny_model, tmp_path):
+    """A prompt file holds one record per prompt: a repeated id is exit 3 at its line
+    (before any model is loaded), nothing written."""
+    path = write_jsonl(tmp_path / "dup.jsonl", [{"id": "a", "prompt": "x"},
+                                                {"id": "b", "prompt": "y"},
+                                                {"id": "a", "prompt": "z"}])
+    res = cli(["distill", "--method", "context", "--teacher", tiny_model, "--policy", __file__,
+               path, "-o", tmp_path / "x"])
+    assert res.code == 3 and f"{path}:3: id: duplicate id 'a'" in res.err, res
+    assert not (tmp_path / "x").exists() and not (tmp_path / "x.partial").exists()
+
+
+def test_load_reads_prompts_completions_and_pairs_as_before(tmp_path):
+    """Prompt records with and without a completion share a file (kind "completion"
+    when all have one); pairs may repeat ids; a pair among prompts is an error."""
+    from alignkit.distill.data import load
+    from alignkit.errors import DataError
+    mixed = load(str(write_jsonl(tmp_path / "m.jsonl", [
+        {"id": "a", "prompt": "x", "completion": "1"}, {"id": "b", "prompt": "y"}])))
+    assert (mixed.kind, mixed.lines, mixed.has_completions()) == ("prompt", [1, 2], False)
+    given = load(str(write_jsonl(tmp_path / "c.jsonl", [
+        {"id": "a", "prompt": "x", "completion": "1"},
+        {"id": "b", "prompt": [{"role": "user", "content": "y"}], "completion": "2"}])))
+    assert (given.kind, given.has_completions()) == ("completion", True)
+    assert [r["completion"] for r in given.records] == ["1", "2"]
+    pairs = load(str(write_jsonl(tmp_path / "p.jsonl", [
+        {"id": "a", "prompt": "x", "chosen": "1", "rejected": "2"}] * 2)))
+    assert pairs.kind == "pair" and len(pairs.records) == 2 and pairs.has_completions()
+    import hashlib
+    assert pairs.sha256 == hashlib.sha256((tmp_path / "p.jsonl").read_bytes()).hexdigest()
+    with pytest.raises(DataError, match=r":2: a pair record in a file of prompt records"):
+        load(str(write_jsonl(tmp_path / "x.jsonl", [
+            {"prompt": "x", "completion": "1"}, {"prompt": "y", "chosen": "1", "rejected": "2"}])))
+
+
 def test_given_responses_need_completions_exit_3(cli, tiny_model, data, tmp_path):
     res = cli(["distill", "--method", "tvdpp", "--teacher", tiny_model, "--student", tiny_model,
                "--responses", "given", data["prompts"], "-o", tmp_path / "x"])

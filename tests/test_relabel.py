@@ -187,6 +187,8 @@ def test_goal_formatting_and_scale():
 
 
 def test_reward_augmented_system_variant():
+    """The samples' logp were computed under the prompt without the goal sentence: the
+    augmented records carry no ref_logp_* (the trainer computes the reference)."""
     rec = scored("s", [8.0, 3.5], texts=["good", "bad"], logps=[-1.0, -2.0], meta={"u": 1})
     a, b = relabel([rec], "reward-augmented")
     assert a == {"id": "s-0-1-a",
@@ -194,13 +196,13 @@ def test_reward_augmented_system_variant():
                             {"role": "user", "content": "P"}],
                  "chosen": "good", "rejected": "bad", "score_chosen": 8.0, "score_rejected": 3.5,
                  "scores_chosen": {"rules": 8.0}, "scores_rejected": {"rules": 3.5},
-                 "ref_logp_chosen": -1.0, "ref_logp_rejected": -2.0, "meta": {"u": 1}, "goal": 8}
+                 "meta": {"u": 1}, "goal": 8}
     assert b == {"id": "s-0-1-b",
                  "prompt": [{"role": "system", "content": goal("3.5")},
                             {"role": "user", "content": "P"}],
                  "chosen": "bad", "rejected": "good", "score_chosen": 3.5, "score_rejected": 8.0,
                  "scores_chosen": {"rules": 3.5}, "scores_rejected": {"rules": 8.0},
-                 "ref_logp_chosen": -2.0, "ref_logp_rejected": -1.0, "meta": {"u": 1}, "goal": 3.5}
+                 "meta": {"u": 1}, "goal": 3.5}
     assert goal("8").endswith("(on a scale of 1-10, where 1 is lowest and 10 is highest):\n"
                               "Overall score: 8.")
 
@@ -226,6 +228,99 @@ def test_reward_augmented_no_system_scale_and_pairs(cli, tmp_path):
     assert r.code == 3 and f"{bad}:2: score_chosen: missing required field" in r.err
     assert cli(["relabel", "--strategy", "reward-augmented", "--scale", "1:1", inp]).code == 2
     assert cli(["relabel", "--strategy", "reward-augmented", "--scale", "a:b", inp]).code == 2
+
+
+def test_reward_augmented_drops_stale_reference_values_keeps_cut_flags(cli, tmp_path):
+    """Pairs in (e.g. from gen-pairs) with ref_logp_* and a cut side: the reference values
+    were computed under the old prompt and go; finished_* describe the (unchanged)
+    completions and stay, swapped with their side in the -b record."""
+    pair = {"id": "p", "prompt": "Q", "chosen": "A", "rejected": "B", "score_chosen": 7.0,
+            "score_rejected": 2.0, "margin": 5.0, "ref_logp_chosen": -1.5,
+            "ref_logp_rejected": -4.0, "finished_chosen": True, "finished_rejected": False,
+            "gen": {"model_sha256": "abc"}}
+    r = cli(["relabel", "--strategy", "reward-augmented",
+             write_jsonl(tmp_path / "p.jsonl", [pair])])
+    assert r.code == 0, r
+    a, b = r.records
+    for rec in (a, b):
+        assert not [k for k in rec if k.startswith("ref_")], rec
+        assert rec["gen"] == {"model_sha256": "abc"} and rec["prompt"] != "Q"
+    assert (a["chosen"], a["finished_chosen"], a["finished_rejected"]) == ("A", True, False)
+    assert (b["chosen"], b["finished_chosen"], b["finished_rejected"]) == ("B", False, True)
+
+
+def _ref_source(rec_in):
+    """{(prompt, completion text): logp} of a samples record (or a pair's two sides)."""
+    if "completions" in rec_in:
+        return {(json.dumps(rec_in["prompt"]), json.dumps(c["text"])): c["logp"]
+                for c in rec_in["completions"] if "logp" in c}
+    return {(json.dumps(rec_in["prompt"]), json.dumps(rec_in[s])): rec_in[f"ref_logp_{s}"]
+            for s in ("chosen", "rejected") if f"ref_logp_{s}" in rec_in}
+
+
+def _ref_claims(out):
+    """[((prompt, completion text), reference value)] that an output record vouches for."""
+    p = json.dumps(out["prompt"])
+    claims = [((p, json.dumps(out[s])), out[f"ref_logp_{s}"]) for s in ("chosen", "rejected")
+              if f"ref_logp_{s}" in out]
+    if "ref_logp" in out:
+        claims.append(((p, json.dumps(out["completion"])), out["ref_logp"]))
+    for c in out.get("completions", []):  # a ranking keeps its completions' logp
+        if "logp" in c:
+            claims.append(((p, json.dumps(c["text"])), c["logp"]))
+    return claims
+
+
+@pytest.mark.parametrize("name", sorted(n for n in STRATEGIES.names() if n != "filter"))
+def test_no_strategy_keeps_a_reference_value_for_text_it_changed(name):
+    """Every reference value in any strategy's output was computed for exactly that
+    (prompt, completion) text in the input; the strategies that keep the texts keep the
+    values (so the check is not vacuous)."""
+    samples = scored("s", [0.9, 0.1, 0.5, 0.3], logps=[-1.0, -2.0, -3.0, -4.0],
+                     prompt=[{"role": "user", "content": "P"}])
+    pair = {"id": "p", "prompt": "Q", "chosen": "A", "rejected": "B", "score_chosen": 0.8,
+            "score_rejected": 0.2, "ref_logp_chosen": -1.0, "ref_logp_rejected": -2.0}
+    entry = STRATEGIES.get(name)
+    extra = {"threshold": 0.4} if name == "unpaired" else {}
+    inputs = [samples] if "samples" in entry.reads else []
+    inputs += [pair] if "pair" in entry.reads else []
+    claimed = 0
+    for rec in inputs:
+        source = _ref_source(rec)
+        outs = relabel([json.loads(json.dumps(rec))], name, **extra)
+        assert outs
+        for out in outs:
+            for key, value in _ref_claims(out):
+                assert source.get(key) == value, (name, key, value)
+                claimed += 1
+    if name == "reward-augmented":
+        assert claimed == 0
+    else:
+        assert claimed > 0
+
+
+def test_filter_keeps_texts_and_their_reference_values():
+    pairs = [{"id": f"p{i}", "prompt": "Q", "chosen": f"A{i}", "rejected": "B",
+              "score_chosen": float(i), "score_rejected": 0.0, "ref_logp_chosen": -1.0 - i,
+              "ref_logp_rejected": -9.0} for i in (1, 2, 3)]
+    out = relabel(json.loads(json.dumps(pairs)), "filter", keep=0.5)
+    assert out == [p for p in pairs if p["id"] in ("p2", "p3")]
+
+
+def test_samples_with_a_duplicate_id_exit_3_at_its_line(cli, tmp_path):
+    """A samples file holds one record per prompt: a repeated id is an error at its line,
+    before any pair is written (pairs may repeat ids)."""
+    recs = [scored("a", [1.0, 0.0]), scored("b", [1.0, 0.0]), scored("a", [0.5, 0.0])]
+    path = write_jsonl(tmp_path / "dup.jsonl", recs)
+    out = tmp_path / "out.jsonl"
+    r = cli(["relabel", path, "-o", out])
+    assert r.code == 3 and f"{path}:3: id: duplicate id 'a'" in r.err, r
+    assert not out.exists()
+    with pytest.raises(DataError, match="duplicate id 'a'"):
+        relabel(recs)
+    pairs = [{"id": "x", "prompt": "Q", "chosen": "A", "rejected": "B", "score_chosen": 1.0,
+              "score_rejected": 0.0}] * 2
+    assert len(relabel(pairs, "reward-augmented")) == 4
 
 
 # --- rank, unpaired ------------------------------------------------------------------------

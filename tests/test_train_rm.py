@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
+import re
 import signal
 from pathlib import Path
 
@@ -160,6 +162,128 @@ def test_bt_margin_center_and_lora_adapter(cli, data, tiny_model, tmp_path):
     assert (merged / "config.json").exists() and not (merged / "adapter_config.json").exists()
 
 
+def _with_margins(recs):
+    """The same pairs with a `margin` field (as relabel writes one on every pair)."""
+    return [{**r, "margin": 0.5 + (i % 4)} for i, r in enumerate(recs)]
+
+
+@pytest.mark.parametrize("method,weights", [("bt", "model.safetensors"),
+                                            ("crm", "model.safetensors")])
+def test_margin_is_used_only_with_the_margin_flag(cli, tiny_model, tmp_path, method, weights):
+    """Plain Bradley-Terry by default: a pair file carrying `margin` trains exactly like
+    the same file without it (same seed -> same weights); --margin trains
+    −log σ(r_c − r_r − m), so the weights differ. alignkit.json says which."""
+    recs = marker_pairs(32, seed=5)
+    plain = write_jsonl(tmp_path / "plain.jsonl", recs)
+    with_m = write_jsonl(tmp_path / "margin.jsonl", _with_margins(recs))
+    args = ["train-rm", "--method", method, "--model", tiny_model, "--max-steps", "2", *FAST]
+    assert cli([*args, plain, "-o", tmp_path / "a"]).code == 0
+    r = cli([*args, with_m, "-o", tmp_path / "b"])
+    assert r.code == 0, r
+    assert "29 pair(s) carry a margin field; it is not used" in r.err  # 3 held out
+    r = cli([*args, with_m, "-o", tmp_path / "c", "--margin"])
+    assert r.code == 0, r
+    a, b, c = (tensors(tmp_path / x / weights) for x in "abc")
+    assert a.keys() == b.keys() == c.keys()
+    assert all((a[k] == b[k]).all() for k in a)
+    assert any(not (a[k] == c[k]).all() for k in a)
+    assert [info(tmp_path / x)["margin_used"] for x in "abc"] == [False, False, True]
+    assert [info(tmp_path / x)["rm_options"]["margin"] for x in "abc"] == [False, False, True]
+    first = [json.loads((tmp_path / x / "metrics.jsonl").read_text().splitlines()[0])["loss"]
+             for x in "abc"]
+    assert first[0] == first[1] != first[2]
+    # --margin on pairs without the field: plain BT, said so
+    r = cli([*args, plain, "-o", tmp_path / "d", "--margin"])
+    assert r.code == 0 and "--margin: no pair has a margin field" in r.err
+    d = tensors(tmp_path / "d" / weights)
+    assert all((a[k] == d[k]).all() for k in a) and info(tmp_path / "d")["margin_used"] is False
+
+
+def test_tokenized_rows_carry_the_margin_only_when_asked(tiny_model):
+    from alignkit.models import load_tokenizer
+    from alignkit.reward_models.common import tokenize_pairs
+    tok = load_tokenizer(tiny_model)
+    recs = _with_margins(marker_pairs(3, seed=0))
+    del recs[1]["margin"]
+    assert all("margin" not in row for row in tokenize_pairs(tok, recs, 64))
+    rows = tokenize_pairs(tok, recs, 64, margin=True)
+    assert [row["margin"] for row in rows] == [0.5, 0.0, 2.5]
+
+
+def test_maxmin_e_step_and_m_step_use_the_margin_alike(cli, data, tiny_model, tmp_path,
+                                                       monkeypatch):
+    """Without --margin neither step sees the pairs' margin; with it both do: the
+    M-step's rows carry it and the E-step's log-likelihood is Σ log σ(d − m)."""
+    from alignkit.reward_models import maxmin
+    # the E-step's log-likelihood against a hand computation
+    recs = [{"meta": {"user": "u0"}}, {"meta": {"user": "u0"}}, {"meta": {"user": "u1"}}]
+    diffs = [[3.0, -1.0, 2.0], [1.0, 1.0, -1.0]]  # r_k(c) - r_k(r), models k = 0, 1
+    ls = lambda x: -math.log1p(math.exp(-x))  # noqa: E731
+    plain = maxmin.user_logliks(recs, diffs)
+    assert plain == {
+        "u0": [pytest.approx(ls(3.0) + ls(-1.0)), pytest.approx(ls(1.0) + ls(1.0))],
+        "u1": [pytest.approx(ls(2.0)), pytest.approx(ls(-1.0))]}
+    with_m = maxmin.user_logliks(recs, diffs, [3.0, 0.0, 0.5])
+    assert with_m == {
+        "u0": [pytest.approx(ls(0.0) + ls(-1.0)), pytest.approx(ls(-2.0) + ls(1.0))],
+        "u1": [pytest.approx(ls(1.5)), pytest.approx(ls(-1.5))]}
+    assert maxmin.e_step(plain) == {"u0": 1, "u1": 0}  # the margin moves u0
+    assert maxmin.e_step(with_m) == {"u0": 0, "u1": 0}
+
+    # through the command: what each step receives
+    recs = _with_margins([json.loads(l) for l in Path(data["groups"]).read_text().splitlines()])
+    pairs = write_jsonl(tmp_path / "g.jsonl", recs[:48])
+    seen = {"offsets": [], "rows": []}
+    real_ll, real_ds = maxmin.user_logliks, maxmin.dataset
+
+    def spy_ll(records, margins, offsets=None):
+        seen["offsets"].append(offsets if offsets is None else list(offsets))
+        seen["expected"] = [r["margin"] for r in records]
+        return real_ll(records, margins, offsets)
+
+    def spy_ds(rows):
+        seen["rows"].append(rows)
+        return real_ds(rows)
+
+    args = ["train-rm", "--method", "maxmin", "--model", tiny_model, pairs, "--em-iters", "1",
+            "--max-steps", "1", *FAST]
+
+    def run(*more):
+        seen.update(offsets=[], rows=[])
+        with monkeypatch.context() as m:  # the cli fixture undoes its own monkeypatch
+            m.setattr(maxmin, "user_logliks", spy_ll)
+            m.setattr(maxmin, "dataset", spy_ds)
+            r = cli([*args, *more])
+        assert r.code == 0, r
+
+    run("-o", tmp_path / "plain")
+    assert seen["offsets"] == [None] and len(seen["rows"]) == 2
+    assert all("margin" not in row for rows in seen["rows"] for row in rows)
+    assert info(tmp_path / "plain")["margin_used"] is False
+    run("-o", tmp_path / "margin", "--margin")
+    assert seen["offsets"] == [seen["expected"]] and len(seen["expected"]) > 0
+    assert seen["rows"] and all("margin" in row for rows in seen["rows"] for row in rows)
+    assert info(tmp_path / "margin")["margin_used"] is True
+
+
+def test_maxmin_default_em_rounds_are_the_papers(cli, data, tiny_model, tmp_path, monkeypatch):
+    """MaxMin-RLHF runs 10 EM iterations: the default of --em-iters, in --help too."""
+    from alignkit.reward_models import RM_METHODS, maxmin
+    assert RM_METHODS.get("maxmin").param("em_iters").default == 10
+    seen = {}
+    monkeypatch.setattr(maxmin, "train", lambda pairs, m, out, opts, cfg: seen.update(
+        em_iters=cfg.em_iters) or {"heldout": None})
+    r = cli(["train-rm", "--method", "maxmin", "--model", tiny_model, data["groups"], "-o",
+             tmp_path / "x"])
+    assert r.code == 0, r
+    assert seen["em_iters"] == 10
+    monkeypatch.setenv("COLUMNS", "400")
+    text = cli(["train-rm", "--help"]).out
+    assert re.search(r"--em-iters .*\(maxmin; default 10\)", text)
+    assert "10 by default, as in the" in text and "MaxMin-RLHF paper" in text
+    assert "default 10" in maxmin.__doc__ and "--margin" in text
+
+
 def test_bt_minilm_reaches_90_percent(cli, tmp_path):
     """The issue's check: bt on the embedded minilm-l6 encoder, >= 90% held-out."""
     import time
@@ -285,7 +409,11 @@ def test_crm_on_noisy_labels_reports_clean_accuracy(cli, data, tiny_model, tmp_p
     assert m["n"] == 48 and m["accuracy"] >= 0.9  # on the clean held-out file
     assert meta["metrics"]["heldout_peer"]["n"] == 48
     assert meta["inputs"].keys() == {str(data["noisy"]), str(data["clean"])}
-    assert "held-out (model A): accuracy" in r.err and "held-out (peer, model B)" in r.err
+    assert "held-out (model A): accuracy" in r.err and "held-out (model B): accuracy" in r.err
+    sel = meta["selected"]
+    assert sel["peer"] in ("A", "B") and f"crm: writing model {sel['peer']}" in r.err
+    accs = (sel["accuracy_a"], sel["accuracy_b"])
+    assert m["accuracy"] == max(accs) and meta["metrics"]["heldout_peer"]["accuracy"] == min(accs)
     # A plain rm folder at the top (what rm:OUT loads), the peer beside it.
     assert json.loads((out / "config.json").read_text())["architectures"] == [
         "LlamaForSequenceClassification"]
@@ -294,6 +422,112 @@ def test_crm_on_noisy_labels_reports_clean_accuracy(cli, data, tiny_model, tmp_p
     etas = [row["eta"] for row in rows if "eta" in row]
     assert etas[0] == 0.0 and max(etas) == pytest.approx(0.3)  # co-teaching schedule
     assert all("selection_agreement" in row for row in rows if "eta" in row)
+
+
+def test_crm_coteaching_exchange_on_hand_made_losses():
+    """Each peer trains on the small-loss picks of the OTHER peer: A's update gets
+    gradient only through B's picks, B's only through A's."""
+    import torch
+    from alignkit.reward_models.crm import coteach_loss, small_loss
+    la = torch.tensor([0.1, 5.0, 0.2, 4.0, 0.3], requires_grad=True)
+    lb = torch.tensor([3.0, 0.1, 6.0, 0.2, 0.15], requires_grad=True)
+    assert small_loss(la, 2).tolist() == [0, 2] and small_loss(lb, 2).tolist() == [1, 4]
+    assert small_loss(torch.tensor([1.0, 0.5, 0.5]), 2).tolist() == [1, 2]  # ties by index
+    loss, pick_a, pick_b = coteach_loss(la, lb, 2)
+    assert (pick_a.tolist(), pick_b.tolist()) == ([0, 2], [1, 4])
+    # B learns A's picks {0, 2}; A learns B's picks {1, 4}
+    assert loss.item() == pytest.approx((3.0 + 6.0) / 2 + (5.0 + 0.3) / 2)
+    loss.backward()
+    assert la.grad.tolist() == pytest.approx([0, 0.5, 0, 0, 0.5])
+    assert lb.grad.tolist() == pytest.approx([0.5, 0, 0.5, 0, 0])
+
+
+def test_crm_training_step_loss_is_the_exchanged_one(tiny_model, tmp_path):
+    """One CRM training step's loss from the two peers' rewards, computed here in plain
+    Python: mean ℓ_B over A's small-loss picks + mean ℓ_A over B's (the swap differs)."""
+    from transformers import TrainingArguments
+
+    from alignkit.models import load_seq_cls
+    from alignkit.reward_models import RM_METHODS, RMConfig, crm
+    from alignkit.reward_models.common import (ids_rewards, preference_collator,
+                                               seed_everything, tokenize_pairs)
+    peers = []
+    for j in range(2):
+        seed_everything(0)  # the same head; B's is then negated: r_B = −r_A
+        m, tok = load_seq_cls(str(tiny_model), "float32")
+        peers.append(m)
+    import torch
+    with torch.no_grad():  # spread the rewards; B ranks the pairs the other way round
+        peers[0].score.weight.mul_(200.0)
+        peers[1].score.weight.mul_(-200.0)
+    rows = tokenize_pairs(tok, marker_pairs(6, seed=3), 64)
+    cfg = RMConfig("crm", noise_rate=0.5).resolve(RM_METHODS.get("crm"))
+    args = TrainingArguments(output_dir=str(tmp_path / "w"), report_to=[], use_cpu=True)
+    trainer = crm.make_trainer(peers[0], peers[1], args, rows, tok.pad_token_id, cfg, 0)
+    trainer.state.global_step, trainer.state.max_steps = 8, 8  # eta = 0.5: keep 3 of 6
+    batch = preference_collator(tok.pad_token_id)(rows)
+    loss = trainer.compute_loss(trainer.model, batch).item()
+
+    def bt(m):
+        c = ids_rewards(m, [r["chosen_ids"] for r in rows], tok.pad_token_id)
+        r = ids_rewards(m, [r["rejected_ids"] for r in rows], tok.pad_token_id)
+        return [math.log1p(math.exp(-(x - y))) for x, y in zip(c, r)]
+
+    la, lb = bt(peers[0]), bt(peers[1])
+    picks = lambda ls: sorted(range(6), key=lambda i: (ls[i], i))[:3]  # noqa: E731
+    assert picks(la) != picks(lb)
+    mean = lambda ls, idx: sum(ls[i] for i in idx) / len(idx)  # noqa: E731
+    exchanged = mean(lb, picks(la)) + mean(la, picks(lb))
+    own = mean(la, picks(la)) + mean(lb, picks(lb))
+    assert abs(exchanged - own) > 0.01  # the check can tell the two apart
+    assert loss == pytest.approx(exchanged, rel=1e-4, abs=1e-5)
+
+
+def test_crm_better_peer_rule():
+    from alignkit.reward_models.crm import better_peer
+    assert better_peer([{"accuracy": 0.8}, {"accuracy": 0.9}]) == 1
+    assert better_peer([{"accuracy": 0.9}, {"accuracy": 0.8}]) == 0
+    assert better_peer([{"accuracy": 0.9}, {"accuracy": 0.9}]) == 0  # ties: A
+    assert better_peer([None, None]) == 0
+
+
+def test_crm_writes_the_peer_with_the_better_heldout_accuracy(cli, data, tiny_model, tmp_path,
+                                                               monkeypatch):
+    """Same seed, same training: when B scores higher it is the top folder and A is in
+    peer/; on a tie A is on top. alignkit.json names the peer and both accuracies."""
+    from alignkit.reward_models import crm
+    real = crm.evaluate
+    accuracies = []
+
+    def fake(score, records, with_users=False):
+        m = real(score, records, with_users)
+        m["accuracy"] = accuracies[len(fake.calls)]
+        fake.calls.append(1)
+        return m
+
+    args = ["train-rm", "--method", "crm", "--model", tiny_model, data["easy"], "--max-steps",
+            "2", "--eval-split", "0.25", *FAST]
+    runs = {}
+    for name, accs in (("b_better", [0.5, 0.75]), ("tie", [0.75, 0.75])):
+        fake.calls, accuracies[:] = [], accs
+        with monkeypatch.context() as mp:  # the cli fixture undoes its own monkeypatch
+            mp.setattr(crm, "evaluate", fake)
+            r = cli([*args, "-o", tmp_path / name])
+        assert r.code == 0, r
+        assert len(fake.calls) == 2
+        runs[name] = (tensors(tmp_path / name / "model.safetensors"),
+                      tensors(tmp_path / name / "peer" / "model.safetensors"))
+    (b_top, b_peer), (t_top, t_peer) = runs["b_better"], runs["tie"]
+    assert any(not (t_top[k] == t_peer[k]).all() for k in t_top)  # the peers differ
+    assert all((b_top[k] == t_peer[k]).all() for k in b_top)  # B on top when B is better
+    assert all((b_peer[k] == t_top[k]).all() for k in b_top)  # A on top on a tie
+    meta = info(tmp_path / "b_better")
+    assert meta["selected"]["peer"] == "B"
+    assert (meta["selected"]["accuracy_a"], meta["selected"]["accuracy_b"]) == (0.5, 0.75)
+    assert meta["metrics"]["heldout"]["accuracy"] == 0.75
+    assert meta["metrics"]["heldout_peer"]["accuracy"] == 0.5
+    assert info(tmp_path / "tie")["selected"]["peer"] == "A"
+    assert "better held-out accuracy" in crm.__doc__
 
 
 def test_crm_schedule_and_curriculum_order():
@@ -459,7 +693,8 @@ def test_method_defaults_and_flags_come_from_the_entry(cli, data, tiny_model, tm
              tmp_path / "x", "--pal-dim", "32", "--no-curriculum"])
     assert r.code == 0, r
     assert seen["lr"] == RM_METHODS.get("crm").default_lr == 1e-4
-    assert seen["params"] == {"noise_rate": 0.2, "curriculum": False, "center_rewards": 0.0}
+    assert seen["params"] == {"noise_rate": 0.2, "curriculum": False, "margin": False,
+                              "center_rewards": 0.0}
     assert seen["options"]["pal_dim"] == 512 and seen["options"]["method"] == "crm"
     assert "--pal-dim: not a parameter of --method crm; ignored" in r.err
     able = [e.name for e in RM_METHODS if e.adapt_users]

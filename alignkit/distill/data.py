@@ -1,7 +1,11 @@
 """Records, models and token rows for distillation.
 
-Input records: prompts (`{"prompt", "completion"?}`, string or chat) or pairs (the chosen
-side is the given completion). Tokenization is the sampler's (`alignkit.generation`): the
+Input records: prompts (`{"prompt"}`), prompt+completion records (`{"prompt",
+"completion"}`: kind "completion" for `records.detect_kind`; a file may mix them with
+prompt records) or pairs (the chosen side is the given completion); string or chat. Read
+through `alignkit.recordset.checked`: each record validated as its detected kind, a
+pair file holds only pairs, and ids are unique in a prompt file (records.UNIQUE_ID_KINDS;
+a repeated id is exit 3 at its line). Tokenization is the sampler's (`alignkit.generation`): the
 prompt goes through the chat template with the assistant turn opened (`render_prompt` +
 `encode_prompt`), a given completion is its text plus EOS (`encode_pair`), and sampled
 completions keep their token ids. A row is `{"index", "prompt_ids", "completion_ids"}`
@@ -17,17 +21,15 @@ from pathlib import Path
 
 from .. import console
 from ..errors import DataError, UsageError
-from ..records import Text, text_of, validate
+from ..records import Text, text_of
+from ..recordset import Records, checked
 
 
 @dataclass
-class DistillData:
-    """Validated records of one input, their line numbers and the input sha256."""
-    path: str
-    kind: str               # "pair" or "prompt"
-    records: list[dict]
-    lines: list[int]
-    sha256: str
+class DistillData(Records):
+    """Validated records of one input (`recordset.Records`: path, kind, records, lines,
+    sha256, split); `path` is the name messages use ("<stdin>" for '-'). `kind` is
+    "pair", "completion" (every record has a completion) or "prompt"."""
 
     def has_completions(self) -> bool:
         return all(completion_of(r) is not None for r in self.records)
@@ -38,27 +40,35 @@ def completion_of(record: dict) -> Text | None:
     return record["chosen"] if "chosen" in record else record.get("completion")
 
 
+KINDS = ("prompt", "pair", "completion")  # what distill reads (`records.detect_kind`)
+
+
+def _family(kind: str) -> str:
+    """Prompt and prompt+completion records may share a file; pairs may not."""
+    return "pair" if kind == "pair" else "prompt"
+
+
 def load(path: str) -> DistillData:
-    """Read prompts or pairs (one kind per file); DataError (exit 3) with path:line."""
+    """Read prompts (with or without a completion) or pairs (one of the two per file);
+    DataError (exit 3) with path:line, also for a repeated id in a prompt file."""
     from ..io import read_records
     reader = read_records(path)
-    records, lines, kind = [], [], None
-    for rec in reader:
-        try:
-            rkind = "pair" if ("chosen" in rec or "rejected" in rec) else "prompt"
-            if kind is not None and rkind != kind:
-                raise DataError(f"a {rkind} record in a file of {kind} records "
-                                "(one kind per file)")
-            validate(rec, rkind)
-            if rkind == "prompt" and "completion" in rec:
-                validate({"id": "x", "prompt": rec["prompt"], "completion": rec["completion"],
-                          "label": True}, "unpaired")
-        except DataError as e:
-            raise e.at(reader.name, reader.line) from None
-        kind = rkind
+    records, lines, first = [], [], None
+
+    def one_family(rec: dict, kind: str) -> None:
+        if first is not None and _family(kind) != _family(first):
+            raise DataError(f"a {_family(kind)} record in a file of {_family(first)} records "
+                            "(one kind per file)")
+
+    for rec, kind, line in checked(reader, KINDS, one_family):
+        first = first or kind
         records.append(rec)
-        lines.append(reader.line)
-    return DistillData(reader.name, kind or "prompt", records, lines, reader.sha256 or "")
+        lines.append(line)
+    if first == "pair":
+        kind = "pair"
+    else:
+        kind = "completion" if records and all("completion" in r for r in records) else "prompt"
+    return DistillData(reader.name, kind, records, lines, reader.sha256 or "")
 
 
 def split(n: int, frac: float, seed: int) -> tuple[list[int], list[int]]:

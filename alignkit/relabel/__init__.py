@@ -21,7 +21,9 @@ DataError: run `alignkit score` first.
 A pair has `id` = `{samples_id}-{chosen_index}-{rejected_index}` (reward-augmented adds
 `-a` / `-b`), `prompt`, `chosen`, `rejected`, `score_chosen`, `score_rejected`, `margin`,
 `scores_chosen` / `scores_rejected` (the per-scorer dicts, when present),
-`ref_logp_chosen` / `ref_logp_rejected` (the completions' `logp`, when both have one),
+`ref_logp_chosen` / `ref_logp_rejected` (the completions' `logp`, when both have one;
+dropped by a strategy that rewrites the prompt or a completion, e.g. reward-augmented,
+since they were computed for the old text: the trainer then computes them),
 `finished_chosen` / `finished_rejected` (written when either sample was cut by
 max_new_tokens: the trainers then add no eos to the cut side, so that it matches its
 `logp` and does not teach the policy to stop mid-sentence), `meta`, and the samples

@@ -8,6 +8,11 @@ first user turn followed by a blank line (a string prompt stays a string). With
 `--scale MIN:MAX` a score s maps to g = 1 + 9·(s − MIN)/(MAX − MIN), clamped to [1, 10];
 g is rounded to 2 decimals and printed without decimals when whole. The records carry
 `goal` and no `margin` (the swapped pair would have a negative one).
+
+The records carry no `ref_logp_chosen` / `ref_logp_rejected`: those were computed for
+the original prompt, and the prompt now holds the goal sentence, so the trainer
+computes the reference log-probs itself. `finished_chosen` / `finished_rejected` stay
+(they describe the completions, which are unchanged).
 """
 from __future__ import annotations
 
@@ -96,6 +101,7 @@ def swap_sides(pair: dict) -> dict:
           "(the second swapped)", params=(NO_SYSTEM, SCALE))
 class RewardAugmented(Strategy):
     inputs = ("samples", "pair")
+    rewrites_text = True  # the goal sentence goes into the prompt
 
     @classmethod
     def given(cls, params: dict) -> dict:

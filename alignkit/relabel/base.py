@@ -18,7 +18,7 @@ from ..registry import Param, Registry, opt
 from ..scorers.options import ScorerOptions
 
 __all__ = ["STRATEGIES", "RelabelOptions", "Strategy", "Where", "strategy", "is_num",
-           "ref_usable", "is_cut", "best_and_worst"]
+           "ref_usable", "is_cut", "best_and_worst", "is_reference_field", "without_references"]
 
 # filled by the strategy modules (imported on first use)
 STRATEGIES = Registry("relabel strategy", "--strategy", modules=tuple(
@@ -107,6 +107,20 @@ def is_cut(c: dict) -> bool:
     return c.get("finished", True) is False
 
 
+def is_reference_field(key: str) -> bool:
+    """A reference value computed for one (prompt, completion) text: `ref_logp_chosen`,
+    `ref_logp_rejected`, an unpaired record's `ref_logp` (every `ref_*` key)."""
+    return key.startswith("ref_")
+
+
+def without_references(rec: dict) -> dict:
+    """The record without its reference values (`is_reference_field`), for a record whose
+    prompt or completion text was rewritten: the values were computed for the old text,
+    so they are dropped and the trainer computes them. `finished_*` stays: it says
+    whether a completion was cut (no eos), which the text itself still is."""
+    return {k: v for k, v in rec.items() if not is_reference_field(k)}
+
+
 def best_and_worst(scored: list[tuple[int, dict]]):
     """((index, completion) of the highest score, of the lowest); first index on ties."""
     best = max(scored, key=lambda ic: ic[1]["score"])
@@ -117,14 +131,18 @@ def best_and_worst(scored: list[tuple[int, dict]]):
 class Strategy:
     """A registered relabel strategy. `inputs`: accepted record kinds; `output`: the
     kind written; `buffered`: whether `finish` needs every output first; `min_scored`:
-    the scored completions a samples record needs to give anything. `params` are the
-    values of the strategy's declared parameters (defaults filled, validated)."""
+    the scored completions a samples record needs to give anything; `rewrites_text`:
+    whether its outputs' prompt or completion texts differ from its input's (the driver
+    then drops the reference values copied from the input, `without_references`).
+    `params` are the values of the strategy's declared parameters (defaults filled,
+    validated)."""
 
     name = ""
     inputs: tuple[str, ...] = ("samples",)
     output = "pair"
     buffered = False
     min_scored = 2
+    rewrites_text = False
 
     def __init__(self, opts: RelabelOptions, summary: Counter, params: dict):
         self.opts = opts

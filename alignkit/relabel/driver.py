@@ -1,6 +1,13 @@
 """The relabel driver: validate each record for the strategy, run the strategy one batch
 at a time, then the post-processing every strategy shares.
 
+Reference values: a strategy that rewrites a prompt or completion text
+(`Strategy.rewrites_text`, e.g. reward-augmented) gets its outputs' reference values
+(`ref_logp_*`, `ref_logp`) dropped here, since they were computed for the input's text.
+
+Ids: a samples record's id is unique in its file (records.UNIQUE_ID_KINDS: one record
+per prompt); a repeated one is a DataError at its line (pairs may repeat ids).
+
 Post-processing: `dedupe` drops a record whose content repeats an earlier one
 ((prompt, chosen, rejected) for pairs; (prompt, completion, label) for unpaired;
 (prompt, completion texts) for rankings). `length_balance=SHARE` (pair outputs): let
@@ -20,9 +27,9 @@ from typing import Any, Iterable, Iterator
 
 from ..checks import as_text, count_words
 from ..errors import DataError, UsageError
-from ..records import validate
+from ..records import UNIQUE_ID_KINDS, validate
 from ..registry import params_of
-from .base import STRATEGIES, RelabelOptions, Where
+from .base import STRATEGIES, RelabelOptions, Where, without_references
 
 KIND_PLURAL = {"pair": "pairs", "ranking": "rankings", "unpaired": "unpaired records"}
 PAIR_ONLY = ("length_balance", "min_chosen")  # shared options that need pair outputs
@@ -72,6 +79,7 @@ class Relabeler:
                     raise UsageError(f"{shared[name].flag_name} applies to pair outputs, "
                                      f"not {strategy}")
         self.strategy.check_options()
+        self._ids: set[str] = set()
 
     def _validated(self, rec: Any, where: Where) -> dict:
         inputs = self.strategy.inputs
@@ -81,7 +89,13 @@ class Relabeler:
             raise DataError(f"strategy {self.strategy.name!r} reads "
                             f"{' or '.join(inputs)} records, got a {kind} record", *where)
         try:
-            return validate(rec, kind)
+            validate(rec, kind)
+            if kind in UNIQUE_ID_KINDS:
+                if rec["id"] in self._ids:
+                    raise DataError(f"duplicate id {rec['id']!r} (a {kind} file holds one "
+                                    "record per prompt)", field="id")
+                self._ids.add(rec["id"])
+            return rec
         except DataError as e:
             raise e.at(*where) from None
 
@@ -96,6 +110,8 @@ class Relabeler:
             outs = self.strategy.process(batch)
             batch.clear()
             for out in outs:
+                if self.strategy.rewrites_text:
+                    out = without_references(out)
                 if self.opts.dedupe:
                     key = content_key(out)
                     if key in seen:

@@ -40,27 +40,32 @@ K = Param("k", int, 2, "pal: preference prototypes; maxmin: reward models.", low
 PAL_DIM = Param("pal_dim", int, 512, "Preference-embedding size.", low=1)
 HEAD_LR = Param("head_lr", float, 1e-3, "Projector learning rate.", low=0.0, low_open=True)
 USER_LR = Param("user_lr", float, 0.2, "User-weight learning rate.", low=0.0, low_open=True)
-EM_ITERS = Param("em_iters", int, 3, "EM rounds.", low=1)
+EM_ITERS = Param("em_iters", int, 10, "At most this many EM rounds (fewer when no user moves); "
+                 "the default is the MaxMin-RLHF paper's.", low=1)
+MARGIN = Param("margin", bool, False, "Train with the pairs' `margin` field, −log σ(r_c − r_r − "
+               "m) (in the E-step too for maxmin); without it the loss is plain Bradley-Terry "
+               "and the field is ignored.")
 NOISE_RATE = Param("noise_rate", float, 0.2, "Prior label-noise rate η (share of each batch a "
                    "peer drops; < 1).", low=0.0)
 CURRICULUM = Param("curriculum", bool, True, "Easy->hard order by peer margin.", negatable=True)
 
 _LR = 1e-4  # train-rm's default learning rate (every method)
 
-RM_METHODS.add("bt", "Bradley-Terry through TRL's RewardTrainer (optional per-pair margin)",
-               f"{__name__}.bt", params=(CENTER_REWARDS,), reads="pair", writes="model",
+RM_METHODS.add("bt", "Bradley-Terry through TRL's RewardTrainer (per-pair margin with --margin)",
+               f"{__name__}.bt", params=(MARGIN, CENTER_REWARDS), reads="pair", writes="model",
                default_lr=_LR, plain=True, adapt_users=False, trainer="TRL RewardTrainer")
 RM_METHODS.add("pal", "pluralistic RM (PAL-B): K preference prototypes + per-user mixture "
                "weights from meta.user", f"{__name__}.pal",
                params=(K, PAL_DIM, HEAD_LR, USER_LR), reads="pair", writes="model",
                default_lr=_LR, plain=False, adapt_users=True, trainer="alignkit loss")
 RM_METHODS.add("maxmin", "hard-EM mixture of K Bradley-Terry models over the users of "
-               "meta.user", f"{__name__}.maxmin", params=(K, EM_ITERS, CENTER_REWARDS),
+               "meta.user", f"{__name__}.maxmin", params=(K, EM_ITERS, MARGIN, CENTER_REWARDS),
                reads="pair", writes="model", default_lr=_LR, plain=False, adapt_users=False,
                trainer="TRL RewardTrainer (EM)")
 RM_METHODS.add("crm", "two peer BT models that filter each other's noisy pairs, with an "
-               "easy->hard curriculum", f"{__name__}.crm",
-               params=(NOISE_RATE, CURRICULUM, CENTER_REWARDS), reads="pair", writes="model",
+               "easy->hard curriculum; writes the peer with the better held-out accuracy",
+               f"{__name__}.crm", params=(NOISE_RATE, CURRICULUM, MARGIN, CENTER_REWARDS),
+               reads="pair", writes="model",
                default_lr=_LR, plain=True, adapt_users=False, trainer="alignkit loss")
 
 

@@ -1,8 +1,11 @@
 """`bt`: a Bradley-Terry reward model through TRL's RewardTrainer (ALGORITHMS.md Part B §4).
 
-L = −mean log σ(r_c − r_r − m) + λ·mean((r_c + r_r)²), with m the optional per-pair
-`margin` and λ = `--center-rewards` (TRL's `center_rewards_coefficient`; 0.01 is the
-recommended value). Any backbone: an encoder (`minilm-l6`) or a causal LM (SmolLM2,
+L = −mean log σ(r_c − r_r − m) + λ·mean((r_c + r_r)²), with λ = `--center-rewards`
+(TRL's `center_rewards_coefficient`; 0.01 is the recommended value) and m the per-pair
+`margin` field **only with `--margin`**: by default m = 0 (plain Bradley-Terry) even when
+the pairs carry `margin` (relabel writes score_chosen − score_rejected on every pair, and
+TRL's RewardTrainer would otherwise train the margin loss). alignkit.json records
+`"margin_used"`. Any backbone: an encoder (`minilm-l6`) or a causal LM (SmolLM2,
 tiny-llama), which gets a fresh one-output score head. With `--lora-r` the output is a
 PEFT adapter folder (`--merge-lora` writes full weights).
 
@@ -15,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .common import (dataset, evaluate, now, report, reward_config, seed_everything,
-                     tokenize_pairs, train_eval_sets, train_metrics)
+                     tokenize_pairs, train_eval_sets, train_metrics, use_margin)
 from .inference import METHOD_KEY, seq_cls_rewards
 
 if TYPE_CHECKING:
@@ -34,7 +37,8 @@ def train(pairs: str, model_spec: str, out: str | Path, opts, cfg: RMConfig) -> 
     work = prepare_run(out, opts)
     seed_everything(opts.seed)  # the fresh score head is drawn from the seeded RNG
     model, tok = load_seq_cls(model_spec, opts.dtype)
-    rows = tokenize_pairs(tok, train_recs, opts.max_length)
+    margin = use_margin(cfg, train_recs)
+    rows = tokenize_pairs(tok, train_recs, opts.max_length, margin=margin)
     peft = lora_config(opts, "SEQ_CLS")
     trainer = RewardTrainer(model=model, args=reward_config(opts, work, cfg),
                             train_dataset=dataset(rows), processing_class=tok, peft_config=peft)
@@ -46,7 +50,8 @@ def train(pairs: str, model_spec: str, out: str | Path, opts, cfg: RMConfig) -> 
     metrics = evaluate(lambda p, c, u: seq_cls_rewards(model, tok, p, c,
                                                        max_length=opts.max_length), eval_recs)
     report(metrics)
-    info = {METHOD_KEY: cfg.method, "backbone": model_spec, "rm_options": cfg.as_dict(),
+    info = {METHOD_KEY: cfg.method, "backbone": model_spec, "margin_used": margin,
+            "rm_options": cfg.as_dict(),
             "train_options": opts.as_dict(),
             "metrics": {"heldout": metrics, "train": train_metrics(trainer)},
             "counts": {"pairs": len(data.records), "train": len(rows),

@@ -108,17 +108,33 @@ def train_eval_sets(pairs_path: str, cfg: RMConfig, seed: int,
 
 # --- tokenising -----------------------------------------------------------------------
 
+def use_margin(cfg: RMConfig, records: list[dict]) -> bool:
+    """Whether training uses the pairs' `margin` field: only with --margin (a parameter
+    of the methods that declare it) and when some pair has one. Otherwise the loss is
+    plain Bradley-Terry, −log σ(r_c − r_r), whatever the pairs carry (relabel writes
+    `margin` = score_chosen − score_rejected on every pair); a note says so."""
+    has = sum("margin" in r for r in records)
+    if not cfg.margin:
+        if has:
+            console.info(f"{has} pair(s) carry a margin field; it is not used (plain "
+                         "Bradley-Terry; --margin trains with it)")
+        return False
+    if not has:
+        console.warn("--margin: no pair has a margin field; plain Bradley-Terry")
+    return bool(has)
+
+
 def tokenize_pairs(tokenizer, records: list[dict], max_length: int, *,
                    with_prompt: bool = False, user_index: dict[str, int] | None = None,
-                   what: str = "training") -> list[dict]:
+                   what: str = "training", margin: bool = False) -> list[dict]:
     """Rows for the Trainer: chosen_ids, rejected_ids, index (into `records`), margin
-    (when any pair has one; 0 for the others), prompt_ids and user (when asked).
-    Over-long pairs are dropped."""
+    (only with `margin=True`, see `use_margin`; 0 for pairs without one), prompt_ids and
+    user (when asked). Over-long pairs are dropped."""
     prompts = [r["prompt"] for r in records]
     chosen = token_ids(tokenizer, render(tokenizer, prompts, [r["chosen"] for r in records]))
     rejected = token_ids(tokenizer, render(tokenizer, prompts, [r["rejected"] for r in records]))
     prompt_ids = token_ids(tokenizer, render_prompts(tokenizer, prompts)) if with_prompt else None
-    has_margin = any("margin" in r for r in records)
+    has_margin = margin and any("margin" in r for r in records)
     rows, dropped = [], 0
     for i, r in enumerate(records):
         if max(len(chosen[i]), len(rejected[i])) > max_length:

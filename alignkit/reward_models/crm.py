@@ -4,9 +4,13 @@ or loss; it is a Trainer subclass here.
 
 Peer review, per batch B: each model computes its per-pair BT loss
 ℓ = −log σ(r_c − r_r − m) and hands the ⌈(1 − η_t)|B|⌉ pairs with its *smallest*
-losses to the other model, which trains on them (co-teaching):
+losses to the other model, which trains on them (co-teaching, `coteach_loss`):
 
     L = mean_{i ∈ S_A} ℓ_B(i) + mean_{i ∈ S_B} ℓ_A(i) (+ λ·mean((r_c + r_r)²) per model)
+
+where S_A are A's small-loss picks (B's update sees only them) and S_B are B's (A's
+update sees only them). m is the pair's `margin` field only with `--margin` (else 0:
+plain Bradley-Terry); alignkit.json records `"margin_used"`.
 
 η_t follows co-teaching's schedule, R(t) = 1 − min(η·t/T_k, η) with η = `--noise-rate`
 (a prior estimate of the label-noise rate) and T_k a quarter of the training steps
@@ -28,21 +32,25 @@ without; bt 0.95): the sorted order puts the pairs neither model has learned, an
 flipped ones, together at the end of each epoch, where the per-batch selection cannot
 separate them.
 
-Output: model A as a plain AutoModelForSequenceClassification folder, so `rm:OUT` uses
-it; model B in `peer/`; alignkit.json has `"rm_method": "crm"` and both held-out
-accuracies (A is not picked by its held-out score, so its reported accuracy is not
-biased by a selection on the held-out pairs).
+Output: the peer with the better held-out accuracy (`better_peer`; ties, and runs
+without held-out pairs, write model A) as a plain AutoModelForSequenceClassification
+folder, so `rm:OUT` uses it; the other peer in `peer/`. alignkit.json has
+`"rm_method": "crm"`, `"selected": {"peer": "A" | "B", "accuracy_a", "accuracy_b"}`,
+`metrics.heldout` (the written peer's) and `metrics.heldout_peer` (the other's). The
+written peer was picked on the held-out pairs, so its reported accuracy is optimistic
+by that selection; give an independent `--eval-pairs` file when it matters.
 """
 from __future__ import annotations
 
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .. import console
 from ..errors import UsageError
 from .common import (LoggedMetrics, bt_losses, ceil_keep, dataset, evaluate, ids_rewards, now,
                      pair_stats, preference_collator, report, save_seq_cls, seed_everything,
                      split_rewards, tokenize_pairs, train_eval_sets, train_metrics,
-                     training_args, write_folder)
+                     training_args, use_margin, write_folder)
 from .inference import METHOD_KEY, seq_cls_rewards
 
 if TYPE_CHECKING:
@@ -60,6 +68,32 @@ def peer_schedule(step: int, max_steps: int, noise_rate: float) -> float:
 def easy_to_hard(margins: list[float]) -> list[int]:
     """Indices by decreasing margin (ties by index): the curriculum's visiting order."""
     return sorted(range(len(margins)), key=lambda i: (-margins[i], i))
+
+
+def small_loss(losses, n: int):
+    """Indices of the n smallest per-pair losses (ties by index), without gradient."""
+    import torch
+    return torch.argsort(losses.detach(), stable=True)[:n]
+
+
+def coteach_loss(loss_a, loss_b, n: int):
+    """(L, pick_a, pick_b): the co-teaching exchange of one batch. pick_a are A's n
+    small-loss pairs, which *B* trains on; pick_b are B's, which *A* trains on:
+    L = mean ℓ_B[pick_a] + mean ℓ_A[pick_b]."""
+    pick_a, pick_b = small_loss(loss_a, n), small_loss(loss_b, n)
+    return loss_b[pick_a].mean() + loss_a[pick_b].mean(), pick_a, pick_b
+
+
+PEERS = ("A", "B")
+
+
+def better_peer(metrics: list[dict | None]) -> int:
+    """0 (A) or 1 (B): the peer with the higher held-out accuracy; A on ties and when
+    there are no held-out metrics."""
+    a, b = metrics
+    if a is None or b is None:
+        return 0
+    return 1 if b["accuracy"] > a["accuracy"] else 0
 
 
 def make_trainer(a, b, args, rows: list[dict], pad_id: int, cfg: RMConfig, seed: int):
@@ -102,9 +136,7 @@ def make_trainer(a, b, args, rows: list[dict], pad_id: int, cfg: RMConfig, seed:
             la, lb = bt_losses(ac, ar, margin), bt_losses(bc, br, margin)
             eta = peer_schedule(self.state.global_step, self.state.max_steps, cfg.noise_rate)
             n = ceil_keep(la.shape[0], eta)
-            pick_a = torch.argsort(la.detach(), stable=True)[:n]  # A's picks: B learns them
-            pick_b = torch.argsort(lb.detach(), stable=True)[:n]
-            loss = lb[pick_a].mean() + la[pick_b].mean()
+            loss, pick_a, pick_b = coteach_loss(la, lb, n)
             if cfg.center_rewards:
                 loss = loss + cfg.center_rewards * (((ac + ar) ** 2).mean() + ((bc + br) ** 2).mean())
             sa, sb = pair_stats(ac.detach(), ar.detach()), pair_stats(bc.detach(), br.detach())
@@ -131,7 +163,8 @@ def make_trainer(a, b, args, rows: list[dict], pad_id: int, cfg: RMConfig, seed:
 
 
 def train(pairs: str, model_spec: str, out: str | Path, opts, cfg: RMConfig) -> dict:
-    """Train two peer BT models with co-teaching; write the better one (+ peer/)."""
+    """Train two peer BT models with co-teaching; write the one with the better held-out
+    accuracy (ties and no held-out pairs: A), the other in peer/."""
     if not 0.0 <= cfg.noise_rate < 1.0:
         raise UsageError(f"--noise-rate must be in [0, 1), got {cfg.noise_rate}")
     from trl.trainer.utils import disable_dropout_in_model
@@ -152,7 +185,8 @@ def train(pairs: str, model_spec: str, out: str | Path, opts, cfg: RMConfig) -> 
             from peft import get_peft_model
             m = get_peft_model(m, peft)
         peers.append(m)
-    rows = tokenize_pairs(tok, train_recs, opts.max_length)
+    margin = use_margin(cfg, train_recs)
+    rows = tokenize_pairs(tok, train_recs, opts.max_length, margin=margin)
     seed_everything(opts.seed)
     trainer = make_trainer(peers[0], peers[1], training_args(opts, work), rows,
                            tok.pad_token_id, cfg, opts.seed)
@@ -164,17 +198,27 @@ def train(pairs: str, model_spec: str, out: str | Path, opts, cfg: RMConfig) -> 
               for m in peers]
     report(scored[0], "held-out (model A)")
     if scored[1]:
-        report(scored[1], "held-out (peer, model B)")
-    info = {METHOD_KEY: cfg.method, "backbone": model_spec,
+        report(scored[1], "held-out (model B)")
+    best = better_peer(scored)
+    other = 1 - best
+    acc = [m["accuracy"] if m else None for m in scored]
+    if scored[0]:
+        console.info(f"crm: writing model {PEERS[best]} (held-out accuracy A {acc[0]:.4f}, "
+                     f"B {acc[1]:.4f}; ties: A); model {PEERS[other]} goes to peer/")
+    else:
+        console.info("crm: no held-out pairs: writing model A; model B goes to peer/")
+    info = {METHOD_KEY: cfg.method, "backbone": model_spec, "margin_used": margin,
+            "selected": {"peer": PEERS[best], "accuracy_a": acc[0], "accuracy_b": acc[1],
+                         "rule": "higher held-out accuracy; ties and no held-out pairs: A"},
             "rm_options": cfg.as_dict(), "train_options": opts.as_dict(),
-            "metrics": {"heldout": scored[0], "heldout_peer": scored[1],
+            "metrics": {"heldout": scored[best], "heldout_peer": scored[other],
                         "train": train_metrics(trainer)},
             "counts": {"pairs": len(data.records), "train": len(rows), "heldout": len(eval_recs)}}
 
     def write(tmp: Path) -> None:
-        save_seq_cls(peers[0], tok, tmp)
-        save_seq_cls(peers[1], tok, tmp / "peer")
+        save_seq_cls(peers[best], tok, tmp)
+        save_seq_cls(peers[other], tok, tmp / "peer")
 
     write_folder(out, work, force=opts.force, write=write, info=info, started=started,
                  seed=opts.seed, inputs=inputs)
-    return {"heldout": scored[0], "heldout_peer": scored[1]}
+    return {"heldout": scored[best], "heldout_peer": scored[other], "selected": PEERS[best]}

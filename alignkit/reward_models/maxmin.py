@@ -5,9 +5,14 @@ M-step is TRL's RewardTrainer (the BT loss), the EM loop around it is here.
 - Initialise: the i-th user (ids sorted) goes to model i mod K.
 - M-step: train model k (warm-started from its previous weights) on the pooled
   training pairs of its users, `--epochs`/`--max-steps` per M-step.
-- E-step: reassign each user to argmax_k Σ_{pairs of u} log σ(r_k(y_c) − r_k(y_r)).
-- Stop after `--em-iters` rounds or when no user moves. A model left without users keeps
-  its weights (a warning says so).
+- E-step: reassign each user to argmax_k Σ_{pairs of u} log σ(r_k(y_c) − r_k(y_r) − m).
+- Stop after `--em-iters` rounds (default 10, the paper's number of EM iterations) or
+  when no user moves. A model left without users keeps its weights (a warning says so).
+
+The margin m is the pair's `margin` field only with `--margin`, in both steps (the
+M-step's RewardTrainer loss −log σ(r_c − r_r − m) and the E-step's log-likelihood), so
+the E-step scores users with the likelihood the M-step maximises; by default m = 0 in
+both (plain Bradley-Terry). alignkit.json records `"margin_used"`.
 
 Folder layout (no config.json at the top, so a plain `rm:` loader refuses it):
 `model-0/` .. `model-{K-1}/` (plain AutoModelForSequenceClassification folders, LoRA
@@ -30,8 +35,8 @@ from typing import TYPE_CHECKING, Any, Sequence
 from .. import console
 from ..errors import UsageError
 from .common import (dataset, evaluate, now, pair_scores, report, reward_config, save_seq_cls,
-                     seed_everything, tokenize_pairs, train_eval_sets, train_metrics, user_of,
-                     write_folder)
+                     seed_everything, tokenize_pairs, train_eval_sets, train_metrics, use_margin,
+                     user_of, write_folder)
 from .inference import METHOD_KEY, folder_info, seq_cls_rewards
 
 if TYPE_CHECKING:
@@ -51,13 +56,16 @@ def e_step(loglik: dict[str, list[float]]) -> dict[str, int]:
     return {u: max(range(len(v)), key=lambda k: (v[k], -k)) for u, v in loglik.items()}
 
 
-def user_logliks(records: list[dict], margins: list[list[float]]) -> dict[str, list[float]]:
-    """Σ_{pairs of u} log σ(r_k(c) − r_k(r)) per user and model; margins[k][i]."""
+def user_logliks(records: list[dict], margins: list[list[float]],
+                 offsets: Sequence[float] | None = None) -> dict[str, list[float]]:
+    """Σ_{pairs of u} log σ(r_k(c) − r_k(r) − m_i) per user and model; margins[k][i] is
+    r_k(c) − r_k(r) of pair i and offsets[i] its margin m_i (None: 0, plain BT)."""
     out: dict[str, list[float]] = {}
     for i, r in enumerate(records):
         row = out.setdefault(user_of(r), [0.0] * len(margins))
+        off = 0.0 if offsets is None else offsets[i]
         for k, per_pair in enumerate(margins):
-            m = per_pair[i]
+            m = per_pair[i] - off
             row[k] += -math.log1p(math.exp(-m)) if m > -30 else m  # log σ(m), stable
     return out
 
@@ -108,8 +116,10 @@ def train(pairs: str, model_spec: str, out: str | Path, opts, cfg: RMConfig) -> 
         m, tok = load_seq_cls(src, opts.dtype)
         models.append(m)
 
-    rows = tokenize_pairs(tok, train_recs, opts.max_length)
+    margin = use_margin(cfg, train_recs)
+    rows = tokenize_pairs(tok, train_recs, opts.max_length, margin=margin)
     kept = [train_recs[row["index"]] for row in rows]
+    offsets = [row["margin"] for row in rows] if margin else None  # the M-step's m
     while state["iteration"] < cfg.em_iters:
         it = state["iteration"]
         for k in range(cfg.k):
@@ -143,7 +153,7 @@ def train(pairs: str, model_spec: str, out: str | Path, opts, cfg: RMConfig) -> 
             c, r = pair_scores(lambda p, cc, u: seq_cls_rewards(m, tok, p, cc,
                                                                 max_length=opts.max_length), kept)
             margins.append([a - b for a, b in zip(c, r)])
-        ll = user_logliks(kept, margins)
+        ll = user_logliks(kept, margins, offsets)
         new = e_step(ll)
         moved = sum(new[u] != state["assign"][u] for u in new)
         total = sum(v[new[u]] for u, v in ll.items())
@@ -165,7 +175,7 @@ def train(pairs: str, model_spec: str, out: str | Path, opts, cfg: RMConfig) -> 
         mix.aggregate = "user"
     report(metrics, "held-out (each user's model)")
     _write_metrics(work, state["history"], cfg.k)
-    info = {METHOD_KEY: NAME, "backbone": model_spec, "k": cfg.k,
+    info = {METHOD_KEY: NAME, "backbone": model_spec, "k": cfg.k, "margin_used": margin,
             "assignment": state["assign"], "em_history": state["history"],
             "rm_options": cfg.as_dict(), "train_options": opts.as_dict(),
             "metrics": {"heldout": metrics, "train": state["train"]},

@@ -232,7 +232,8 @@ def _fit(model, tok, users: list[str], records: list[dict], opts, cfg: RMConfig,
 
 def _info(model, backbone_spec, opts, cfg, metrics, trainer, data, rows, eval_recs,
           **extra) -> dict:
-    return {METHOD_KEY: NAME, "backbone": backbone_spec, "k": len(model.prototypes),
+    return {METHOD_KEY: NAME, "backbone": backbone_spec, "margin_used": False,  # no margin term
+            "k": len(model.prototypes),
             "dim": model.item[-1].out_features, "pooling": model.pooling,
             "hidden": model.item[0].in_features, "rm_options": cfg.as_dict(),
             "train_options": opts.as_dict(),
