@@ -57,7 +57,7 @@ __all__ = [
     "Param", "CheckType", "CHECKS", "RELATIONS",
     "validate_check", "validate_checks", "run_checks", "check_score",
     "describe_check", "describe_checks",
-    "words", "count_words", "count_sentences", "split_paragraphs", "as_text",
+    "words", "count_words", "count_sentences", "split_paragraphs", "as_text", "loose_variants",
 ]
 
 RELATIONS = ("at least", "at most", "exactly")
@@ -667,13 +667,26 @@ def _resolve_reference(spec: dict, ct: CheckType, meta: dict, field: str) -> dic
     return spec
 
 
+def loose_variants(text: str) -> list[str]:
+    """The responses IFEval's loose accuracy tries (lm-evaluation-harness / the IFEval
+    reference code): the response, without its first line, without its last line,
+    without both, and each of those with every ``*`` removed."""
+    lines = text.split("\n")
+    cut = [text, "\n".join(lines[1:]).strip(), "\n".join(lines[:-1]).strip(),
+           "\n".join(lines[1:-1]).strip()]
+    return [cut[0], cut[0].replace("*", ""), cut[1], cut[2], cut[3],
+            cut[1].replace("*", ""), cut[2].replace("*", ""), cut[3].replace("*", "")]
+
+
 def run_checks(text: Any, checks: list[dict] | None, prompt_text: Any = "",
-               meta: dict | None = None) -> list[dict]:
+               meta: dict | None = None, *, loose: bool = False) -> list[dict]:
     """Run every check on ``text``: ``[{"type": NAME, "passed": bool}, ...]`` in order.
 
     ``checks`` None means ``meta["checks"]``. ``prompt_text`` is used by
     ``repeat_prompt``; ``meta["reference"]`` is the fallback answer of ``exact`` and
     ``numeric``. Invalid specs raise DataError with ``field`` ``meta.checks[i]...``.
+    ``loose``: IFEval's loose reading, a check passes when the response or any non-empty
+    variant of `loose_variants` passes it (so loose >= strict, also for empty responses).
     """
     meta = meta or {}
     if checks is None:
@@ -685,7 +698,13 @@ def run_checks(text: Any, checks: list[dict] | None, prompt_text: Any = "",
     for i, spec in enumerate(specs):
         ct = CHECKS[spec["type"]]
         spec = _resolve_reference(spec, ct, meta, f"meta.checks[{i}]")
-        results.append({"type": ct.name, "passed": bool(ct.fn(text_s, spec, prompt_s))})
+        if loose:
+            variants = loose_variants(text_s)  # the response itself counts as in strict
+            ok = ct.fn(text_s, spec, prompt_s) or any(
+                v.strip() and ct.fn(v, spec, prompt_s) for v in variants[1:])
+        else:
+            ok = ct.fn(text_s, spec, prompt_s)
+        results.append({"type": ct.name, "passed": bool(ok)})
     return results
 
 

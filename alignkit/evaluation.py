@@ -96,23 +96,51 @@ def _words(text) -> int:
 
 
 def rules_metrics(records: list[dict], opts: EvalOptions) -> dict | None:
-    """Pass rate per check type, prompt-/instruction-level strict accuracy (first
-    completion of each prompt, as IFEval), with a bootstrap interval on prompt level."""
-    results, per_type = [], {}
+    """IFEval's four accuracies on the first completion of each prompt: prompt-level and
+    instruction-level, strict (the response as is) and loose (`checks.loose_variants`),
+    each with a 95% bootstrap interval over prompts; and the strict pass rate per check
+    type."""
+    from .checks import run_checks
+    strict, loose, per_type = [], [], {}
     for r in records:
-        checks = r["completions"][0].get("checks")
+        first = r["completions"][0]
+        checks = first.get("checks")
         if checks is None:
             continue
-        results.append([c["passed"] for c in checks])
+        strict.append([c["passed"] for c in checks])
+        meta = r.get("meta") or {}
+        if meta.get("checks"):
+            loose.append([c["passed"] for c in run_checks(first["text"], None, r["prompt"],
+                                                          meta, loose=True)])
+        else:  # checks computed elsewhere: loose = strict
+            loose.append(strict[-1])
         for c in checks:
             per_type.setdefault(c["type"], []).append(c["passed"])
-    if not results:
+    if not strict:
         return None
-    acc = stats.prompt_and_instruction_accuracy(results)
-    acc["prompt_level_ci"] = _ci([float(all(r)) for r in results], opts, 1)
+    acc = stats.prompt_and_instruction_accuracy(strict)
+    lo = stats.prompt_and_instruction_accuracy(loose)
+    acc["prompt_level_loose"] = lo["prompt_level"]
+    acc["instruction_level_loose"] = lo["instruction_level"]
+    acc["prompt_level_ci"] = _ci([float(all(r)) for r in strict], opts, 1)
+    acc["prompt_level_loose_ci"] = _ci([float(all(r)) for r in loose], opts, 2)
+    acc["instruction_level_ci"] = _instruction_ci(strict, opts, 3)
+    acc["instruction_level_loose_ci"] = _instruction_ci(loose, opts, 4)
     acc["per_check"] = {t: {"pass_rate": sum(v) / len(v), "n": len(v)}
                         for t, v in sorted(per_type.items())}
     return acc
+
+
+def _instruction_ci(results: list[list[bool]], opts: EvalOptions, seed_offset: int) -> dict:
+    """Instruction-level accuracy (passed / all checks) with a bootstrap over prompts."""
+    import numpy as np
+    passed = np.array([sum(r) for r in results], dtype=float)
+    n = np.array([len(r) for r in results], dtype=float)
+    idx = np.arange(len(results), dtype=float)
+    est, lo, hi = stats.bootstrap_ci(
+        idx, stat=lambda i: passed[i.astype(int)].sum() / max(n[i.astype(int)].sum(), 1.0),
+        n_boot=opts.n_boot, seed=opts.seed + seed_offset)
+    return {"mean": est, "lo": lo, "hi": hi, "n": int(n.sum())}
 
 
 def model_metrics(records: list[dict], opts: EvalOptions) -> dict:

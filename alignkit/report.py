@@ -1,8 +1,9 @@
 """`eval --report DIR`: report.md plus PNG plots (matplotlib, Agg backend).
 
-Plots: score / pass-rate bars with 95% intervals for each model vs the baseline,
-per-check pass rates, reward vs KL when several models are compared, the best-of-N curve,
-and training curves from a metrics.jsonl.
+Plots: accuracy (or score) bars with 95% intervals per model, the accuracy difference vs the
+baseline with its interval, per-check pass rates with counts, reward vs KL (the baseline
+at KL 0), the best-of-N curve, and training curves from a metrics.jsonl. Labels name the
+models; titles say how many prompts.
 """
 from __future__ import annotations
 
@@ -28,23 +29,63 @@ def _save(fig, path: Path) -> bool:
     return True
 
 
+def _name(label: str, m: dict) -> str:
+    """A plot label a reader recognises: the model's folder or embedded name."""
+    spec = str(m.get("spec") or label)
+    return f"{label}\n{Path(spec).name}" if spec not in (label, "samples") else label
+
+
 def _bar_scores(metrics: dict, path: Path) -> bool:
     plt = _plt()
-    labels, means, errs = [], [], [[], []]
+    labels, means, errs, ns = [], [], [[], []], []
+    acc = any(m.get("rules") for m in metrics["models"].values())
     for label, m in metrics["models"].items():
-        r = (m.get("rules") or {}).get("prompt_level_ci") or m.get("score")
+        r = (m.get("rules") or {}).get("prompt_level_ci") if acc else m.get("score")
         if not r:
             continue
-        labels.append(label)
+        labels.append(_name(label, m))
         means.append(r["mean"])
         errs[0].append(r["mean"] - r["lo"])
         errs[1].append(r["hi"] - r["mean"])
+        ns.append(r["n"])
     if not labels:
         return False
     fig, ax = plt.subplots(figsize=(5, 3.5))
-    ax.bar(labels, means, yerr=errs, capsize=6, color=["#4c72b0", "#dd8452", "#55a868", "#c44e52"][:len(labels)])
-    ax.set_ylabel("prompt-level accuracy" if metrics["models"][labels[0]].get("rules") else "mean score")
-    ax.set_title("Score with 95% bootstrap interval")
+    ax.bar(labels, means, yerr=errs, capsize=6,
+           color=["#4c72b0", "#dd8452", "#55a868", "#c44e52"][:len(labels)])
+    for x, (mean, n) in enumerate(zip(means, ns)):
+        ax.annotate(f"{100 * mean:.1f}%" if acc else f"{mean:.3f}", (x, mean), ha="center",
+                    va="bottom", fontsize=8, xytext=(12, 2), textcoords="offset points")
+    if acc:
+        ax.set_ylim(0, 1)
+        ax.set_ylabel("prompt-level accuracy (strict)")
+    else:
+        ax.set_ylabel("mean score")
+    ax.set_title(f"{'Prompt-level accuracy' if acc else 'Mean score'} with 95% bootstrap "
+                 f"interval (n={max(ns)} prompts)", fontsize=9)
+    return _save(fig, path)
+
+
+def _bar_diff(metrics: dict, path: Path) -> bool:
+    """The number a comparison is about: the accuracy difference with its interval."""
+    rows = [(label, c["prompt_level_diff"]) for label, c in (metrics.get("comparisons") or {}).items()
+            if c.get("prompt_level_diff")]
+    if not rows:
+        return False
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5, 1.2 + 0.6 * len(rows)))
+    for y, (label, d) in enumerate(rows):
+        ax.errorbar([100 * d["diff"]], [y], xerr=[[100 * (d["diff"] - d["lo"])],
+                                                  [100 * (d["hi"] - d["diff"])]],
+                    fmt="o", capsize=6, color="#4c72b0")
+        ax.annotate(f"{100 * d['diff']:+.1f} [{100 * d['lo']:+.1f}, {100 * d['hi']:+.1f}]",
+                    (100 * d["diff"], y), xytext=(0, 8), textcoords="offset points",
+                    ha="center", fontsize=8)
+    ax.axvline(0, color="grey", lw=1, ls="--")
+    ax.set_yticks(range(len(rows)), [_name(lb, metrics["models"][lb]) for lb, _ in rows])
+    ax.set_xlabel("prompt-level accuracy difference vs baseline (points)")
+    ax.set_title(f"Difference with 95% paired bootstrap interval (n={rows[0][1]['n']} prompts)",
+                 fontsize=9)
     return _save(fig, path)
 
 
@@ -59,28 +100,39 @@ def _bar_checks(metrics: dict, path: Path) -> bool:
     width = 0.8 / len(per)
     for i, (label, v) in enumerate(per.items()):
         xs = [j + i * width for j in range(len(types))]
-        ax.bar(xs, [v.get(t, {}).get("pass_rate", 0) for t in types], width, label=label)
-    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(types))], types, rotation=60, ha="right", fontsize=8)
-    ax.set_ylabel("pass rate")
-    ax.legend()
-    ax.set_title("Pass rate per check type")
+        ax.bar(xs, [v.get(t, {}).get("pass_rate", 0) for t in types], width,
+               label=_name(label, metrics["models"][label]).replace("\n", ": "))
+    ns = {t: max(v.get(t, {}).get("n", 0) for v in per.values()) for t in types}
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(types))],
+                  [f"{t} (n={ns[t]})" for t in types], rotation=60, ha="right", fontsize=8)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("pass rate (strict)")
+    ax.legend(fontsize=7)
+    ax.set_title("Pass rate per check type (n = prompts with that check)", fontsize=9)
     return _save(fig, path)
 
 
 def _reward_vs_kl(metrics: dict, path: Path) -> bool:
     cmps = metrics.get("comparisons") or {}
-    pts = [(c["kl"].get("exact_mean", c["kl"]["k3_mean"]), metrics["models"][label]["score"]["mean"], label)
-           for label, c in cmps.items() if c.get("kl") and metrics["models"][label].get("score")]
-    if len(pts) < 2:
+    models = metrics["models"]
+
+    def y(label):
+        m = models[label]
+        r = (m.get("rules") or {}).get("prompt_level_ci") or m.get("score")
+        return r["mean"] if r else None
+    pts = [(c["kl"].get("exact_mean", c["kl"]["k3_mean"]), y(label), label)
+           for label, c in cmps.items() if c.get("kl") and y(label) is not None]
+    if not pts or "baseline" not in models or y("baseline") is None:
         return False
+    pts = [(0.0, y("baseline"), "baseline")] + pts  # the baseline sits at KL 0
     plt = _plt()
     fig, ax = plt.subplots(figsize=(5, 3.5))
     ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-")
-    for x, y, label in pts:
-        ax.annotate(label, (x, y), fontsize=8)
+    for x, yy, label in pts:
+        ax.annotate(_name(label, models[label]).replace("\n", ": "), (x, yy), fontsize=8)
     ax.set_xlabel("KL(model || baseline) per sequence, nats (temperature-1 samples)")
-    ax.set_ylabel("mean score")
-    ax.set_title("Reward vs KL")
+    ax.set_ylabel("prompt-level accuracy" if models["baseline"].get("rules") else "mean score")
+    ax.set_title("Reward vs KL", fontsize=9)
     return _save(fig, path)
 
 
@@ -129,13 +181,18 @@ def _fmt(ci: dict | None, pct: bool = False) -> str:
 
 def markdown(metrics: dict, plots: list[str]) -> str:
     lines = ["# alignkit evaluation report", ""]
-    lines += ["| model | spec | prompts | mean score (95% CI) | prompt-level acc % (95% CI) | instruction-level acc % | mean words |",
-              "|---|---|---|---|---|---|---|"]
+    lines += ["IFEval accuracies in % with 95% bootstrap intervals (strict: the response as "
+              "is; loose: also without its first/last line and without `*`).", "",
+              "| model | spec | prompts | mean score (95% CI) | prompt-level strict | prompt-level loose "
+              "| instruction-level strict | instruction-level loose | mean words |",
+              "|---|---|---|---|---|---|---|---|---|"]
     for label, m in metrics["models"].items():
         rules = m.get("rules") or {}
-        inst = f"{100 * rules['instruction_level']:.1f}" if rules else "n/a"
+        accs = " | ".join(_fmt(rules.get(k), True) for k in (
+            "prompt_level_ci", "prompt_level_loose_ci", "instruction_level_ci",
+            "instruction_level_loose_ci"))
         lines.append(f"| {label} | `{m.get('spec')}` | {m['n_prompts']} | {_fmt(m.get('score'))} | "
-                     f"{_fmt(rules.get('prompt_level_ci'), True)} | {inst} | {m['mean_length_words']:.1f} |")
+                     f"{accs} | {m['mean_length_words']:.1f} |")
     for label, c in (metrics.get("comparisons") or {}).items():
         lines += ["", f"## {label} vs baseline", ""]
         if c.get("prompt_level_diff"):
@@ -177,7 +234,8 @@ def write_report(metrics: dict, out_dir: str, metrics_files: list[str] | None = 
     check_output_dir(out_dir, force, empty_ok=True)
     with atomic_dir(out_dir, force=True) as tmp:
         plots = []
-        for name, fn in (("scores.png", _bar_scores), ("checks.png", _bar_checks),
+        for name, fn in (("scores.png", _bar_scores), ("difference.png", _bar_diff),
+                         ("checks.png", _bar_checks),
                          ("reward_vs_kl.png", _reward_vs_kl), ("best_of_n.png", _bon)):
             if fn(metrics, tmp / name):
                 plots.append(name)

@@ -136,3 +136,34 @@ def test_eval_report_never_clobbers_and_bad_outputs_fail_first(cli, tmp_path, mo
                  ["--report", tmp_path / "data.jsonl" / "sub"]):
         r = cli(["eval", path, *args, "--n-boot", "10"])
         assert r.code == 2, (args, r)
+
+
+def test_ifeval_strict_and_loose_accuracies_on_known_outcomes(cli, tmp_path):
+    """Loose accuracy tries the response without its first/last line and without '*'
+    (IFEval / lm-evaluation-harness); four hand-made prompts with known outcomes."""
+    recs = [
+        # strict fails (capital in the preamble line), loose passes (first line dropped)
+        {"id": "a", "prompt": "lowercase please", "meta": {"checks": [{"type": "all_lowercase"}]},
+         "completions": [{"text": "Sure! Here it is:\nhello there friend"}]},
+        # strict fails (trailing sign-off), loose passes (last line dropped)
+        {"id": "b", "prompt": "end with done.", "meta": {"checks": [{"type": "ends_with", "phrase": "done."}]},
+         "completions": [{"text": "all good, done.\nHope this helps!"}]},
+        # passes both
+        {"id": "c", "prompt": "no commas", "meta": {"checks": [{"type": "no_commas"}, {"type": "max_words", "n": 5}]},
+         "completions": [{"text": "no commas here"}]},
+        # fails both: one check of two fails in every variant
+        {"id": "d", "prompt": "short, no commas", "meta": {"checks": [{"type": "no_commas"}, {"type": "max_words", "n": 2}]},
+         "completions": [{"text": "one, two, three, four"}]},
+    ]
+    path = write_jsonl(tmp_path / "s.jsonl", recs)
+    r = cli(["eval", path, "--scorer", "rules", "--n-boot", "200"])
+    assert r.code == 0, r
+    rules = json.loads(r.out)["models"]["samples"]["rules"]
+    assert rules["prompt_level"] == pytest.approx(1 / 4)          # c
+    assert rules["prompt_level_loose"] == pytest.approx(3 / 4)    # a, b, c
+    assert rules["instruction_level"] == pytest.approx(2 / 6)     # c: 2 of 2; a, b, d: 0
+    assert rules["instruction_level_loose"] == pytest.approx(4 / 6)  # + a, b
+    for key in ("prompt_level_ci", "prompt_level_loose_ci", "instruction_level_ci",
+                "instruction_level_loose_ci"):
+        ci = rules[key]
+        assert ci["lo"] <= ci["mean"] <= ci["hi"], key
