@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from .errors import DataError, UsageError
+from .formats import to_trl_names
 from .records import UNIQUE_ID_KINDS, validate
 
 MAX_LINE_BYTES = int(float(os.environ.get("ALIGNKIT_MAX_LINE_MB", "16")) * 1024 * 1024)
@@ -122,11 +123,34 @@ class RecordReader:
         self.sha256: str | None = None
         self.count = 0
         self.line = 0  # line number of the record last yielded (for located errors)
-        self._stream = _open_binary(path)  # fail early on a missing file or a tty
+        self._table = table_format(path)  # Parquet / datasets folder, else JSONL
+        self._stream = None if self._table else _open_binary(path)  # fail early: missing file, tty
 
     def __iter__(self) -> Iterator[dict]:
         digest = hashlib.sha256()
         seen: set[str] = set()
+        rows = self._table_rows(digest) if self._table else self._json_lines(digest)
+        for lineno, obj in rows:
+            try:
+                if self.kind is not None:
+                    validate(obj, self.kind)
+                elif not isinstance(obj, dict):
+                    raise DataError(f"expected a JSON object, got {type(obj).__name__}")
+            except DataError as e:
+                raise e.at(self.name, lineno) from None
+            if self.unique_ids and "id" in obj:
+                rid = obj["id"]
+                if rid in seen:
+                    raise DataError(f"duplicate id {rid!r}", self.name, lineno, "id")
+                seen.add(rid)
+            self.count += 1
+            self.line = lineno
+            yield obj
+        self.sha256 = digest.hexdigest()
+        if self.count == 0 and not self.allow_empty:
+            raise DataError("empty input: no records", self.name)
+
+    def _json_lines(self, digest) -> Iterator[tuple[int, Any]]:
         limit = self.max_line_bytes
         with self._stream as f:
             lineno = 0
@@ -149,23 +173,69 @@ class RecordReader:
                     continue
                 try:
                     obj = parse_json_line(raw)
-                    if self.kind is not None:
-                        validate(obj, self.kind)
-                    elif not isinstance(obj, dict):
-                        raise DataError(f"expected a JSON object, got {type(obj).__name__}")
                 except DataError as e:
                     raise e.at(self.name, lineno) from None
-                if self.unique_ids and "id" in obj:
-                    rid = obj["id"]
-                    if rid in seen:
-                        raise DataError(f"duplicate id {rid!r}", self.name, lineno, "id")
-                    seen.add(rid)
-                self.count += 1
-                self.line = lineno
-                yield obj
-        self.sha256 = digest.hexdigest()
-        if self.count == 0 and not self.allow_empty:
-            raise DataError("empty input: no records", self.name)
+                yield lineno, obj
+
+    def _table_rows(self, digest) -> Iterator[tuple[int, Any]]:
+        """Rows of a Parquet file or a `Dataset.save_to_disk` folder, streamed in record
+        batches; row numbers (1-based) stand in for line numbers in errors."""
+        files = _table_files(Path(self.path), self._table)
+        for f in files:
+            with open(f, "rb") as fh:
+                while block := fh.read(1 << 20):
+                    digest.update(block)
+        row = 0
+        try:
+            for batch in _table_batches(files, self._table):
+                for obj in batch.to_pylist():
+                    row += 1
+                    yield row, obj
+        except DataError:
+            raise
+        except Exception as e:  # pyarrow's own errors: a truncated or foreign file
+            raise DataError(f"cannot read {self._table} data: {e}", self.name, row + 1) from None
+
+
+def table_format(path: str) -> str | None:
+    """'parquet' for a .parquet file, 'arrow' for a `datasets` save_to_disk folder."""
+    if path == "-":
+        return None
+    p = Path(path)
+    if p.is_file() and p.suffix == ".parquet":
+        return "parquet"
+    if p.is_dir() and (p / "state.json").is_file():
+        return "arrow"
+    return None
+
+
+def _table_files(folder: Path, fmt: str) -> list[Path]:
+    if fmt == "parquet":
+        return [folder]
+    try:
+        state = json.loads((folder / "state.json").read_text(encoding="utf-8"))
+        names = [d["filename"] for d in state["_data_files"]]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise DataError(f"not a datasets folder ({folder / 'state.json'}: {e})", str(folder)) from None
+    return [folder / n for n in names]
+
+
+def _table_batches(files: list[Path], fmt: str):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    for f in files:
+        if fmt == "parquet":
+            yield from pq.ParquetFile(f).iter_batches(batch_size=1024)
+        else:
+            with pa.memory_map(str(f)) as source:
+                try:
+                    reader = pa.ipc.open_stream(source)
+                except pa.ArrowInvalid:
+                    reader = pa.ipc.open_file(source)
+                    for i in range(reader.num_record_batches):
+                        yield reader.get_batch(i)
+                    continue
+                yield from reader
 
 
 def read_records(path: str, kind: str | None = None, **kw) -> RecordReader:
@@ -305,7 +375,8 @@ def atomic_file(path: str | os.PathLike, mode: str = "w"):
 
 
 class RecordWriter:
-    """Write records as JSONL to a path (atomically) or to stdout (`-`).
+    """Write records as JSONL to a path (atomically) or to stdout (`-`). Reference
+    log-probs are written under alignkit's and TRL's names (`formats.to_trl_names`).
 
     Use as a context manager; `count` holds the number written. A `BrokenPipeError`
     on stdout is left to the CLI, which ends quietly.
@@ -326,7 +397,8 @@ class RecordWriter:
         return self
 
     def write(self, record: dict) -> None:
-        self._f.write(dumps(record) + "\n")
+        # reference log-probs also under TRL's names, so TRL's DPOTrainer reuses them
+        self._f.write(dumps(to_trl_names(record)) + "\n")
         self.count += 1
 
     def write_all(self, records: Iterable[dict]) -> None:

@@ -15,6 +15,7 @@ import math
 from typing import Any, Literal, NotRequired, TypedDict, Union
 
 from .errors import DataError
+from .formats import normalize
 from .text import completion_text as text_of, prompt_text  # noqa: F401  (re-exported)
 
 
@@ -88,7 +89,7 @@ _MESSAGE = {
     "type": "object",
     "required": ["role", "content"],
     "properties": {
-        "role": {"type": "string", "enum": ["system", "user", "assistant"]},
+        "role": {"type": "string", "enum": ["system", "user", "assistant", "tool"]},
         "content": {"type": "string"},
     },
 }
@@ -225,6 +226,9 @@ def _check(value: Any, schema: dict, field: str) -> None:
                 raise DataError("missing required field", field=sub)
         props = schema.get("properties", {})
         extra = schema.get("additionalProperties")
+        required = set(schema.get("required", ()))
+        for key in [k for k, v in value.items() if v is None and k in props and k not in required]:
+            del value[key]  # an optional field set to null means absent (datasets writes nulls)
         for key, v in value.items():
             sub = f"{field}.{key}" if field else key
             if key in props:
@@ -245,7 +249,9 @@ def validate(record: Any, kind: str) -> dict:
         raise ValueError(f"unknown record kind {kind!r}")
     if not isinstance(record, dict):
         raise DataError(f"expected a JSON object, got {_type_name(record)}")
-    if "id" not in record and "prompt" in record:
+    normalize(record)  # TRL / datasets formats (alignkit.formats)
+    if record.get("id") is None and "prompt" in record:
+        record.pop("id", None)
         record["id"] = derive_id(record["prompt"])
     _check(record, SCHEMAS[kind], "")
     meta = record.get("meta")
@@ -264,7 +270,7 @@ def detect_kind(record: dict) -> str:
         return "pair"
     if "completions" in record:
         return "samples"
-    if "completion" in record:
+    if "completion" in record or ("messages" in record and "prompt" not in record):
         return "unpaired" if "label" in record else "completion"
     return "prompt"
 

@@ -345,8 +345,8 @@ def _same_records(got, want, keys=("logp",)):
     assert len(got) == len(want)
     for g, w in zip(got, want):
         gc, wc = g.pop("completions", None), w.pop("completions", None)
-        gl = {k: g.pop(k) for k in ("ref_logp_chosen", "ref_logp_rejected") if k in g}
-        wl = {k: w.pop(k) for k in ("ref_logp_chosen", "ref_logp_rejected") if k in w}
+        gl = {k: g.pop(k) for k in ("ref_logp_chosen", "ref_logp_rejected", "ref_chosen_logps", "ref_rejected_logps") if k in g}
+        wl = {k: w.pop(k) for k in ("ref_logp_chosen", "ref_logp_rejected", "ref_chosen_logps", "ref_rejected_logps") if k in w}
         assert g == w
         assert gl.keys() == wl.keys() and all(abs(gl[k] - wl[k]) < 1e-4 for k in gl)
         if gc is not None:
