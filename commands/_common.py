@@ -221,3 +221,10 @@ def with_cli_flags(fn):
                                if p.annotation is not inspect.Parameter.empty}
     del wrapper.__wrapped__
     return wrapper
+
+
+def check_training_output(output: str, opts) -> None:
+    """A training command's output folder, checked before any data is read or model
+    loaded (the work folder OUT.partial is checked by prepare_run)."""
+    from alignkit.io import check_output_dir
+    check_output_dir(output, opts.force)

@@ -8,7 +8,7 @@ import typer
 
 from alignkit.distill import DISTILL, DistillConfig  # light: the registry only (no torch)
 
-from ._common import allow_pickle_opt, input_arg, train_command, trust_remote_code_opt, with_params
+from ._common import allow_pickle_opt, input_arg, train_command, trust_remote_code_opt, with_params, check_training_output
 
 
 @train_command
@@ -53,6 +53,7 @@ def distill(
     DISTILL.get(method)  # an unknown name fails first, with a close match
     if not output:
         raise UsageError("--output/-o is required (the student folder to write)")
+    check_training_output(output, opts)
     if on_policy:
         if cfg.responses not in (None, "student"):
             raise UsageError("--on-policy contradicts --responses " + cfg.responses)

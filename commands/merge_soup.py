@@ -49,7 +49,9 @@ def merge_soup(
     import time
 
     from alignkit import console
+    from alignkit.io import check_output_dir
     started = time.time()
+    check_output_dir(output, force)  # before any model is read
     cfg = soup.build_config(method, models, base=base, weights=soup.parse_weights(weights),
                             params=params, seed=seed, dtype=dtype, max_shard_size=max_shard_size)
     soup.merge(cfg, output, force=force)

@@ -30,12 +30,14 @@ def relabel(
     import time
 
     from alignkit import console
-    from alignkit.io import RecordWriter, in_shard, manifest, parse_shard, read_records, write_manifest
+    from alignkit.io import RecordWriter, check_output_file, in_shard, manifest, parse_shard, read_records, write_manifest
     from alignkit.relabel import Relabeler
 
     started = time.time()
     opts = common
     opts.params, opts.scoring, opts.seed, opts.dtype = params, scoring, seed, dtype
+    if output != "-":
+        check_output_file(output)  # before any record is read or a scorer loaded
     relabeler = Relabeler(strategy, opts)
     shard_spec = parse_shard(shard)
     reader = read_records(input)

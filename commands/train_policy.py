@@ -6,8 +6,8 @@ import typer
 from alignkit.policy import POLICY  # light: the registry and its declared parameters
 from alignkit.scorers.options import ScorerOptions  # light: a dataclass
 
-from ._common import (allow_pickle_opt, input_arg, train_command, trust_remote_code_opt,
-                      with_params)
+from ._common import (allow_pickle_opt, check_training_output, input_arg, train_command,
+                      trust_remote_code_opt, with_params)
 
 
 def _parse_opts(items: list[str] | None) -> dict:
@@ -83,6 +83,7 @@ def train_policy(
         raise UsageError("--model is required")
     if not output:
         raise UsageError("--output/-o is required (the model folder to write)")
+    check_training_output(output, opts)
     m = policy.get(method)
     from alignkit.policy.common import PolicyRun
     from alignkit.policy.data import load

@@ -7,7 +7,7 @@ import typer
 
 from alignkit.reward_models import RM_METHODS, RMConfig  # light: the registry only (no torch)
 
-from ._common import input_arg, train_command, with_params
+from ._common import input_arg, train_command, with_params, check_training_output
 
 
 @train_command
@@ -64,6 +64,7 @@ def train_rm(
         raise UsageError("--model/-m is required (a backbone, or with --adapt-users a folder)")
     if not output:
         raise UsageError("--output/-o is required (the reward-model folder to write)")
+    check_training_output(output, opts)
     cfg.method, cfg.params = method, params
     reward_models.train(method, pairs, model, output, opts, cfg)
 

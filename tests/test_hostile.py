@@ -160,3 +160,30 @@ def test_unreadable_files_exit_3_and_leave_nothing(cli, tmp_path, tiny_model, cm
     assert r.code == 3, (cmd, what, r)
     assert str(src) in r.err and "Traceback" not in r.err
     assert left == [], (cmd, what, left)
+
+
+@pytest.mark.parametrize("cmd", list(COMMANDS))
+@pytest.mark.parametrize("bad", ["under-a-file", "existing"])
+def test_bad_output_paths_fail_before_any_work(cli, tmp_path, tiny_model, cmd, bad):
+    """An output path that cannot be written (or an existing output without --force)
+    fails with exit 2 before a model is loaded or a record read: the input here is
+    not even readable, so reading it first would give exit 3."""
+    blocker = tmp_path / "file"
+    blocker.write_text("keep\n")
+    src = tmp_path / "in.jsonl"
+    src.write_text("not json\n")
+    work = tmp_path / "w"
+    work.mkdir()
+    args, output = COMMANDS[cmd][1](src, work, tiny_model)
+    if bad == "under-a-file":
+        args = [str(blocker / "out") if a == output else a for a in args]
+    else:
+        if output.suffix:
+            if cmd.startswith("score") or cmd.startswith("gen") or cmd == "relabel":
+                pytest.skip("file outputs are replaced atomically by design")
+        output.mkdir()
+        (output / "x").write_text("1")
+    r = cli(args)
+    assert r.code == 2, (cmd, bad, r)
+    assert blocker.read_text() == "keep\n"
+    assert not list(work.glob("*.partial"))
