@@ -96,9 +96,9 @@ def _on_sigterm(signum, frame):
     raise Interrupted()
 
 
-_MODEL_NAMES = {"model", "models", "teacher", "teacher_ref", "student", "ref_model", "baseline",
+MODEL_OPTION_NAMES = {"model", "models", "teacher", "teacher_ref", "student", "ref_model", "baseline",
                 "base", "tokenizer", "pair_with_reference", "mixture"}
-_FILE_NAMES = {"input", "data", "pairs", "eval_pairs", "baseline_samples", "resume_from",
+FILE_OPTION_NAMES = {"input", "data", "pairs", "eval_pairs", "baseline_samples", "resume_from",
                "training_metrics", "samples_out", "policy", "opt_file", "calibrate", "rubric"}
 
 
@@ -122,12 +122,12 @@ def _metavar(param) -> str:
     if choices:
         return "|".join(map(str, choices))
     kind = getattr(ptype, "name", "") or {int: "integer", float: "float"}.get(ann, "")
-    if name in _MODEL_NAMES:
+    if name in MODEL_OPTION_NAMES:
         return "MODEL"
     if name in ("output", "report"):
         return "DIR" if name == "report" or "folder" in (getattr(param, "help", "") or "").lower() \
             else "FILE"
-    if name in _FILE_NAMES:
+    if name in FILE_OPTION_NAMES:
         return "FILE"
     if name in ("method", "strategy"):
         return name.upper()

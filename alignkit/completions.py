@@ -39,7 +39,7 @@ class Node:
 
 def _tree() -> list[Node]:
     from . import registries
-    from .cli import _MODEL_NAMES, click_command
+    from .cli import MODEL_OPTION_NAMES, click_command
     from .models import EMBEDDED
     regs = registries()
     root = click_command()
@@ -59,7 +59,7 @@ def _tree() -> list[Node]:
                  if k[0] == " ".join(path) and k[1] in spellings), None)
             choices = list(getattr(getattr(p, "type", None), "choices", None) or [])
             words = regs[kind].names() if kind else choices
-            if p.name in _MODEL_NAMES:
+            if p.name in MODEL_OPTION_NAMES:
                 words = list(EMBEDDED)
                 models.update(spellings)
             for s in spellings:

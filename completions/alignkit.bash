@@ -2,7 +2,7 @@
 _alignkit() {
     local cur="${COMP_WORDS[COMP_CWORD]}" prev="${COMP_WORDS[COMP_CWORD-1]}"
     local path="" w cand i
-    local known="|distill|env|eval|gen-pairs|merge-soup|models|models list|models pull|models tiny|relabel|schema|score|train-policy|train-rm|"
+    local known="|distill|env|eval|gen-pairs|lineage|merge-soup|models|models list|models pull|models tiny|relabel|schema|score|train-policy|train-rm|"
     for ((i=1; i<COMP_CWORD; i++)); do
         w="${COMP_WORDS[i]}"; [[ $w == -* ]] && continue
         cand="${path:+$path }$w"; [[ $known == *"|$cand|"* ]] && path="$cand"
@@ -105,6 +105,7 @@ _alignkit() {
         "gen-pairs -m") COMPREPLY=($(compgen -W "smollm2-135m-instruct minilm-l6 tiny-llama" -- "$cur") $(compgen -f -- "$cur")); return ;;
         "gen-pairs -n") COMPREPLY=( $(compgen -f -- "$cur")); return ;;
         "gen-pairs -o") COMPREPLY=( $(compgen -f -- "$cur")); return ;;
+        "lineage --config") COMPREPLY=( $(compgen -f -- "$cur")); return ;;
         "merge-soup --base") COMPREPLY=($(compgen -W "smollm2-135m-instruct minilm-l6 tiny-llama" -- "$cur") $(compgen -f -- "$cur")); return ;;
         "merge-soup --config") COMPREPLY=( $(compgen -f -- "$cur")); return ;;
         "merge-soup --density") COMPREPLY=( $(compgen -f -- "$cur")); return ;;
@@ -267,11 +268,12 @@ _alignkit() {
         "train-rm -o") COMPREPLY=( $(compgen -f -- "$cur")); return ;;
     esac
     case "$path" in
-        "") COMPREPLY=($(compgen -W "distill env eval gen-pairs merge-soup models relabel schema score train-policy train-rm --debug --quiet --verbose --version -q -v" -- "$cur")) ;;
+        "") COMPREPLY=($(compgen -W "distill env eval gen-pairs lineage merge-soup models relabel schema score train-policy train-rm --debug --quiet --verbose --version -q -v" -- "$cur")) ;;
         "distill") if [[ $cur == -* ]]; then COMPREPLY=($(compgen -W "--allow-pickle --batch-size --beta --beta2 --config --contrast --dtype --epochs --eval-split --force --grad-accum --gradient-checkpointing --kd-temperature --len-norm --list-methods --lmbda --logging-steps --lora-alpha --lora-dropout --lora-r --lora-targets --lr --max-length --max-new-tokens --max-steps --merge-lora --method --no-len-norm --num-samples --on-policy --output --policy --quiet --responses --resume --save-steps --seed --student --student-config --teacher --teacher-ref --temperature --top-p --trust-remote-code --verbose --warmup-ratio --weight -m -n -o -q -s -t -v" -- "$cur")); else COMPREPLY=($(compgen -f -- "$cur")); fi ;;
         "env") if [[ $cur == -* ]]; then COMPREPLY=($(compgen -W "--config --json --quiet --verbose -q -v" -- "$cur")); else COMPREPLY=($(compgen -f -- "$cur")); fi ;;
         "eval") if [[ $cur == -* ]]; then COMPREPLY=($(compgen -W "--aggregate --baseline --baseline-samples --batch-size --calibrate --config --dtype --force --hybrid --kl-samples --limit --max-new-tokens --model --n-boot --no-kl --num-samples --pairs --quiet --report --rubric --samples-out --scorer --scorer-batch-size --scorer-device --scorer-max-length --seed --system --temperature --tokenizer --top-p --training-metrics --transform --user --verbose --weights -b -m -n -q -s -v" -- "$cur")); else COMPREPLY=($(compgen -f -- "$cur")); fi ;;
         "gen-pairs") if [[ $cur == -* ]]; then COMPREPLY=($(compgen -W "--allow-pickle --alpha --batch-size --config --contrast-prompt --dtype --engine --max-new-tokens --mixture --model --num-samples --output --pair-with-reference --quiet --raw --resume-from --seed --shard --system --temperature --top-k --top-p --trust-remote-code --verbose -m -n -o -q -v" -- "$cur")); else COMPREPLY=($(compgen -f -- "$cur")); fi ;;
+        "lineage") if [[ $cur == -* ]]; then COMPREPLY=($(compgen -W "--config --json --quiet --verbose -q -v" -- "$cur")); else COMPREPLY=($(compgen -f -- "$cur")); fi ;;
         "merge-soup") if [[ $cur == -* ]]; then COMPREPLY=($(compgen -W "--base --config --density --dtype --force --lambda --max-shard-size --method --no-normalize --normalize --output --quiet --rescale --seed --sign --t --verbose --weights -m -o -q -v" -- "$cur")); else COMPREPLY=($(compgen -f -- "$cur")); fi ;;
         "models") COMPREPLY=($(compgen -W "list pull tiny" -- "$cur")) ;;
         "models list") if [[ $cur == -* ]]; then COMPREPLY=($(compgen -W "--config --quiet --verbose -q -v" -- "$cur")); else COMPREPLY=($(compgen -f -- "$cur")); fi ;;

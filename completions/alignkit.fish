@@ -3,6 +3,7 @@ complete -c alignkit -n '__fish_use_subcommand' -f -a distill
 complete -c alignkit -n '__fish_use_subcommand' -f -a env
 complete -c alignkit -n '__fish_use_subcommand' -f -a eval
 complete -c alignkit -n '__fish_use_subcommand' -f -a gen-pairs
+complete -c alignkit -n '__fish_use_subcommand' -f -a lineage
 complete -c alignkit -n '__fish_use_subcommand' -f -a merge-soup
 complete -c alignkit -n '__fish_use_subcommand' -f -a models
 complete -c alignkit -n '__fish_use_subcommand' -f -a relabel
@@ -146,6 +147,12 @@ complete -c alignkit -n '__fish_seen_subcommand_from gen-pairs' -s n -r
 complete -c alignkit -n '__fish_seen_subcommand_from gen-pairs' -s o -r
 complete -c alignkit -n '__fish_seen_subcommand_from gen-pairs' -s q
 complete -c alignkit -n '__fish_seen_subcommand_from gen-pairs' -s v
+complete -c alignkit -n '__fish_seen_subcommand_from lineage' -l config -r
+complete -c alignkit -n '__fish_seen_subcommand_from lineage' -l json
+complete -c alignkit -n '__fish_seen_subcommand_from lineage' -l quiet
+complete -c alignkit -n '__fish_seen_subcommand_from lineage' -l verbose
+complete -c alignkit -n '__fish_seen_subcommand_from lineage' -s q
+complete -c alignkit -n '__fish_seen_subcommand_from lineage' -s v
 complete -c alignkit -n '__fish_seen_subcommand_from merge-soup' -l base -r -a 'smollm2-135m-instruct minilm-l6 tiny-llama'
 complete -c alignkit -n '__fish_seen_subcommand_from merge-soup' -l config -r
 complete -c alignkit -n '__fish_seen_subcommand_from merge-soup' -l density -r
