@@ -462,3 +462,25 @@ def test_grpo_on_smollm2_with_the_rules_reward(smollm2, tmp_path):
     texts = [c["text"] for r in recs for c in r["completions"]]
     assert all("<|im_end|>" not in t for t in texts)
     assert all(c["score"] in (0.0, 1.0) for r in recs for c in r["completions"])
+
+
+def test_p3o_q_uses_the_current_policys_log_ratios_not_the_rollouts():
+    """P3O's q = sg[(r1 - r2) - kappa (L1 - L2)] with L from the CURRENT policy (the paper
+    and its authors' code); rollout-time log-probs enter only rho and the clip."""
+    import torch
+
+    from alignkit.policy import online_losses as L
+    mask = torch.ones(2, 3)
+    ref = torch.tensor([[-1.0, -1.0, -1.0], [-2.0, -2.0, -2.0]])
+    old = torch.tensor([[-1.0, -1.0, -1.0], [-2.0, -2.0, -2.0]])       # L_old = 0, 0
+    cur = torch.tensor([[-0.5, -0.5, -0.5], [-2.5, -2.5, -2.5]])       # L = 1.5, -1.5
+    r = torch.tensor([1.0, 0.0])
+    kappa = 0.1
+    per, q, rho = L.p3o_pair_loss(cur, old, ref, mask, r, kappa, ratio_clip=10.0, eps=0.2)
+    want_q = (1.0 - 0.0) - kappa * (1.5 - (-1.5))                      # 0.7 (rollout: 1.0)
+    assert q.item() == pytest.approx(want_q)
+    want_rho = math.exp((1.5 - 0.0) + (-1.5 - 0.0))                    # 1.0
+    assert rho.item() == pytest.approx(want_rho)
+    d, d_old = 3.0, 0.0
+    clipped = max(min(d, d_old + 0.2), d_old - 0.2)
+    assert per.item() == pytest.approx(max(-want_q * want_rho * d, -want_q * want_rho * clipped))

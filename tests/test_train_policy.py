@@ -565,3 +565,26 @@ def test_smollm2_dpo_lora_bf16_demo_path(cli, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(smollm2), tmp_path / "a")
     assert model.peft_config["default"].r == 16
+
+
+@pytest.mark.parametrize("loss, ok", [("hinge", False), ("ipo", False), ("sigmoid_norm", False),
+                                      ("nca_pair", False), ("bco_pair", False), ("apo_zero", False),
+                                      ("apo_down", False), ("discopop", False), ("sppo_hard", False),
+                                      ("sigmoid", True), ("robust", True), ("hinge,robust", True)])
+def test_label_smoothing_is_refused_where_it_has_no_effect(loss, ok):
+    from alignkit.errors import UsageError
+    from alignkit.policy import POLICY
+    from alignkit.policy.pairs import parse_losses
+    dpo = POLICY.get("dpo")
+    if ok:
+        parse_losses(dpo, loss, None, 0.1)
+        return
+    with pytest.raises(UsageError, match="--label-smoothing has no effect"):
+        parse_losses(dpo, loss, None, 0.1)
+    parse_losses(dpo, loss, None, 0.0)  # without smoothing the loss is fine
+
+
+def test_simpo_default_gamma_is_the_papers_ratio():
+    from alignkit.policy import POLICY
+    e = POLICY.get("simpo")
+    assert e.param("simpo_gamma").default / e.default_beta == pytest.approx(0.5)

@@ -147,6 +147,29 @@ def earl_gate(entropies: torch.Tensor, mask: torch.Tensor, quantile: float,
 
 # --- pairs: P3O and IPO ----------------------------------------------------------------------
 
+def pair_indices(groups: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which completions form the pairs of P3O / online IPO / IPO-MD: (first, second)
+    index tensors [P]. `groups` [N] holds each completion's prompt (the dataset row it
+    was sampled for); each completion is paired with the next one of the same prompt,
+    in order (first with second, third with fourth), and the pairs are listed by
+    their first member. A completion left without a partner is a ValueError (the two
+    samples of a prompt must stay in one step)."""
+    open_: dict = {}
+    pairs: list[tuple[int, int]] = []
+    for i, g in enumerate(groups.tolist()):
+        if g in open_:
+            pairs.append((open_.pop(g), i))
+        else:
+            open_[g] = i
+    if open_:
+        raise ValueError(f"completions {sorted(open_.values())} have no partner of the same "
+                         "prompt in this batch")
+    pairs.sort()
+    first = torch.tensor([a for a, _ in pairs], dtype=torch.long, device=groups.device)
+    second = torch.tensor([b for _, b in pairs], dtype=torch.long, device=groups.device)
+    return first, second
+
+
 def pair_preference(r1: torch.Tensor, r2: torch.Tensor) -> torch.Tensor:
     """P(y1 ≻ y2) from the scorer: 1, 0, or ½ on a tie; NaN when either is unscored."""
     p = (r1 > r2).float() + 0.5 * (r1 == r2).float()
@@ -161,7 +184,9 @@ def ipo_online_loss(h: torch.Tensor, p: torch.Tensor, tau: float) -> torch.Tenso
 
 def p3o_q(r1: torch.Tensor, r2: torch.Tensor, L1: torch.Tensor, L2: torch.Tensor,
           kappa: float) -> torch.Tensor:
-    """q = (r1 − r2) − κ (L1 − L2): the KL-regularised reward difference (no gradient)."""
+    """q = sg[(r1 − r2) − κ (L1 − L2)]: the KL-regularised reward difference, with
+    L = Σ_t(log πθ − log πref) of the **current** policy (the paper's and the authors'
+    trlx code's reading; the rollout-time L_old enters only ρ and the clip)."""
     return ((r1 - r2) - kappa * (L1 - L2)).detach()
 
 
@@ -189,6 +214,27 @@ def p3o_token_loss(lp1: torch.Tensor, lp1_old: torch.Tensor, m1: torch.Tensor,
         return (torch.maximum(w * lp, w * clipped) * m).sum(-1)
     w = (q * rho)[:, None]
     return side(lp1, lp1_old, m1, -w) + side(lp2, lp2_old, m2, w)
+
+
+def p3o_pair_loss(logps: torch.Tensor, old: torch.Tensor, ref: torch.Tensor, mask: torch.Tensor,
+                  rewards: torch.Tensor, kappa: float, ratio_clip: float, eps: float,
+                  clip: str = "pair") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """P3O on rows paired (0,1), (2,3), ...: (per-pair loss, q, ρ).
+
+    L_i = Σ_t (log πθ − log πref) with the CURRENT policy's log-probs, as the paper and its
+    authors' code define q = sg[(r1 − r2) − κ(L1 − L2)]; the rollout-time log-probs `old`
+    enter only the ratio ρ and the clipping (ALGORITHMS.md Part B, P3O)."""
+    seq = ((logps - ref) * mask).sum(-1)
+    seq_old = ((old - ref) * mask).sum(-1)
+    q = torch.nan_to_num(p3o_q(rewards[0::2], rewards[1::2], seq[0::2], seq[1::2], kappa))
+    diff = ((logps.detach() - old) * mask).sum(-1)
+    rho = p3o_rho(diff[0::2], diff[1::2], ratio_clip)
+    if clip == "pair":
+        per = p3o_joint_loss(seq[0::2] - seq[1::2], seq_old[0::2] - seq_old[1::2], q, rho, eps)
+    else:
+        per = p3o_token_loss(logps[0::2], old[0::2], mask[0::2], logps[1::2], old[1::2],
+                             mask[1::2], q, rho, eps)
+    return per, q, rho
 
 
 class RunningStd:

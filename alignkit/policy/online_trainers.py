@@ -380,20 +380,12 @@ class PairTrainer(_GRPOBase):
         old = logps.detach() if old is None else old
         ref = inputs["ref_token_logps"]
         seq = ((logps - ref) * mask).sum(-1)
-        seq_old = ((old - ref) * mask).sum(-1)
         r = inputs["pair_rewards"]
         mode = "train" if self.model.training else "eval"
         metrics = self._metrics[mode]
         if self.pair_kind == "p3o":
-            q = torch.nan_to_num(L.p3o_q(r[0::2], r[1::2], seq_old[0::2], seq_old[1::2], self.coef))
-            diff = ((logps.detach() - old) * mask).sum(-1)
-            rho = L.p3o_rho(diff[0::2], diff[1::2], self.ratio_clip)
-            if self.clip == "pair":
-                per = L.p3o_joint_loss(seq[0::2] - seq[1::2], seq_old[0::2] - seq_old[1::2], q, rho,
-                                       self.eps)
-            else:
-                per = L.p3o_token_loss(logps[0::2], old[0::2], mask[0::2], logps[1::2], old[1::2],
-                                       mask[1::2], q, rho, self.eps)
+            per, q, rho = L.p3o_pair_loss(logps, old, ref, mask, r, self.coef, self.ratio_clip,
+                                          self.eps, self.clip)
             loss = per.sum() / mask.sum().clamp(min=1.0)
             metrics["p3o/rho"].append(self.accelerator.gather(rho).mean().item())
             metrics["p3o/q_abs"].append(self.accelerator.gather(q.abs()).mean().item())

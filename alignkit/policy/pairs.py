@@ -30,6 +30,8 @@ GRPO_DEFAULT_LOSS = "dapo"
 # With --label-smoothing > 0 (dpo): TRL's sigmoid ignores it, alignkit's cDPO is the
 # smoothed sigmoid.
 SMOOTHED = {"sigmoid": "cdpo"}
+# the losses a label-smoothing value changes (alignkit's cDPO for sigmoid; TRL's others)
+SMOOTHING_LOSSES = frozenset({"sigmoid", "exo_pair", "robust", "aot", "aot_unpaired"})
 
 # --- parameters (`--loss` is also grpo's and earl's: online.py) -------------------------------
 
@@ -41,7 +43,8 @@ LOSS = Param("loss", str, None, "The loss; for dpo, sppo and copg also a comma l
 LOSS_WEIGHTS = Param("loss_weights", str, None, "Weights of a multi-loss --loss, e.g. 1,0.1.",
                      metavar="W,W")
 LABEL_SMOOTHING = Param("label_smoothing", float, 0.0, "cDPO label-flip probability, in "
-                        "[0, 0.5), with --loss sigmoid (also robust, exo_pair, aot).")
+                        "[0, 0.5), with --loss sigmoid (also robust, exo_pair, aot, aot_unpaired; refused "
+                        "with the losses it does not change).")
 
 _PAIR = f"{__name__}:train_pairs"
 add("dpo", "DPO; --loss takes every TRL DPO loss (comma list, --loss-weights); "
@@ -80,6 +83,9 @@ def parse_losses(method, loss: str | None, weights: str | None,
     if not 0.0 <= label_smoothing < 0.5:
         raise UsageError("--label-smoothing must be in [0, 0.5)")
     if label_smoothing > 0:
+        if not any(n in SMOOTHING_LOSSES for n in names):
+            raise UsageError(f"--label-smoothing has no effect with --loss {','.join(names)}: "
+                             f"only {', '.join(sorted(SMOOTHING_LOSSES))} use it")
         names = [SMOOTHED.get(n, n) for n in names]
     ours = [n for n in names if n in method.custom_losses]
     custom = bool(ours)

@@ -17,7 +17,8 @@ from . import add
 from .common import (PolicyRun, check_offline, config, config_overrides, finish, hparams,
                      import_attr, load_policy, load_reference, method_beta, quiet)
 
-SIMPO_GAMMA = Param("simpo_gamma", float, 0.5, "SimPO's target reward margin gamma.")
+SIMPO_GAMMA = Param("simpo_gamma", float, 1.0, "SimPO's target reward margin gamma (the "
+                    "paper's recommended gamma/beta = 0.5 at its beta = 2).")
 
 _TRL = f"{__name__}:train_trl"
 add("sft", "supervised fine-tuning on prompt+completion (or the chosen side of pairs)", _TRL,
