@@ -91,7 +91,8 @@ def score(
         inputs=inputs, started=started,
         counts={"records": n_records, "completions": total, "unscored": stats["unscored"]},
         scorers=combined.names, weights=combined.weights, hybrid=scoring.hybrid,
-        calibrate=scoring.calibrate, transform=scoring.transform, aggregate=scoring.aggregate))
+        calibrate=scoring.calibrate, transform=scoring.transform,
+        aggregate=scoring.aggregate or "min (the maxmin default)"))
 
 
 def register(app: typer.Typer) -> None:

@@ -311,6 +311,8 @@ def test_train_policy_reward_rm_aggregate_min_reaches_a_two_model_maxmin_folder(
                  "--batch-size", "8", "--sample-every", "1", "-o", out])
         assert r.code == 0, r
         recs = [json.loads(x) for x in (out / "samples.jsonl").read_text().splitlines()]
+        hp = json.loads((out / "alignkit.json").read_text())["hyperparameters"]
+        assert hp["aggregate"] == agg  # the choice is recorded
         got[agg] = [(rec["prompt"], c["text"], c["score"]) for rec in recs for c in rec["completions"]]
     from alignkit.reward_models.inference import seq_cls_rewards
     mix = load_reward_model(rm, aggregate="mean")

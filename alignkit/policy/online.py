@@ -320,6 +320,7 @@ def train_online(run: PolicyRun) -> Path:
                  ("base (adapter disabled)" if trainer.ref_model is None else "base")}
     hp = hparams(run, p.beta, rewards=specs, reward_weights=run.reward_weights,
                  hybrid=bool(scoring.hybrid), calibrate=scoring.calibrate,
-                 transform=scoring.transform, sample_every=sample_every, **p.hparams)
+                 transform=scoring.transform, sample_every=sample_every,
+                 aggregate=scoring.aggregate or "min (the maxmin default)", **p.hparams)
     counts = {"records": len(data.records), "prompts": len(rows), "dropped": dropped}
     return finish(trainer, run, work, tok, started, hp, reference, counts)
