@@ -215,14 +215,99 @@ def resolve(spec: str | Path) -> Path:
 
 
 def adapter_base(folder: Path) -> str | None:
-    """The base model spec of a PEFT adapter folder, or None for a full model."""
-    cfg = folder / "adapter_config.json"
+    """The base model of a PEFT adapter folder (a folder path or an embedded name), or
+    None for a full model. A recorded base that is gone (the base folder was moved, or the
+    model cache is another one) is found by the sha256 alignkit.json records for it
+    (`base.sha256`) in alignkit's model cache and the embedded models."""
+    cfg = Path(folder) / "adapter_config.json"
     if not cfg.exists():
         return None
     base = json.loads(cfg.read_text()).get("base_model_name_or_path")
     if not base:
         raise UsageError(f"{cfg}: no base_model_name_or_path")
-    return base
+    if Path(base).is_dir() or base in EMBEDDED:
+        return base
+    record = recorded_base(folder)
+    sha = record.get("sha256")
+    found = find_by_sha256(sha, hints=(record.get("spec"), record.get("path"))) if sha else None
+    if found is not None:
+        console.debug(f"{folder}: base {base} is gone; using {found} (same sha256)")
+        return str(found)
+    where = (f"no folder with its sha256 ({sha[:12]}...) in alignkit's model cache "
+             f"({models_dir()}) or the embedded models" if sha else
+             "and alignkit.json records no sha256 to look for it by")
+    raise UsageError(f"{folder}: the adapter's base model {base!r} is gone: {where}. Put the "
+                     f"base back there, copy it into {models_dir()}, or point "
+                     f"base_model_name_or_path in {cfg} at it")
+
+
+def recorded_base(folder: Path) -> dict:
+    """alignkit.json's `base` record of a folder ({spec, path, sha256}; {} if none)."""
+    try:
+        base = json.loads((Path(folder) / "alignkit.json").read_text()).get("base")
+    except (OSError, ValueError):
+        return {}
+    return base if isinstance(base, dict) else {}
+
+
+def _cached_folders(root: Path, depth: int = 3):
+    """Model folders (config.json + weights) under the cache, a few levels deep."""
+    if depth < 0 or not root.is_dir():
+        return
+    for p in sorted(root.iterdir()):
+        if not p.is_dir() or p.name.startswith(".") or p.name.endswith((".partial", ".tmp")):
+            continue
+        if (p / "config.json").exists() and any(p.glob("*.safetensors")):
+            yield p
+        else:
+            yield from _cached_folders(p, depth - 1)
+
+
+def find_by_sha256(sha: str, hints=()) -> Path | None:
+    """A model folder whose weights have this sha256 (`model_sha256`): the hinted specs
+    first (a recorded path, or an embedded name, materialised if need be), then every
+    folder of alignkit's model cache. None when there is none."""
+    candidates: list[Path] = []
+    for hint in hints:
+        if not hint:
+            continue
+        if Path(hint).is_dir():
+            candidates.append(Path(hint))
+        elif str(hint) in EMBEDDED:
+            try:
+                candidates.append(pull(str(hint)))
+            except AlignkitError as e:  # its package is not installed: look elsewhere
+                console.debug(f"cannot materialise {hint}: {e}")
+    candidates += list(_cached_folders(models_dir()))
+    for folder in candidates:
+        try:
+            if model_sha256(folder) == sha:
+                return folder.resolve()
+        except (OSError, UsageError):
+            continue
+    return None
+
+
+def plain_base(spec: str | Path, *, task_type: str = "CAUSAL_LM", dtype: str = "float32") -> Path:
+    """The absolute path of a plain transformers folder holding the model `spec` names
+    (a folder, relative or not, or an embedded name, materialised). An adapter folder is
+    merged into its base once and kept in the model cache (`models/merged/SHA`)."""
+    folder = resolve(spec).resolve()
+    if (folder / "config.json").exists() or adapter_base(folder) is None:
+        return folder
+    base = resolve(adapter_base(folder))
+    key = hashlib.sha256(f"{model_sha256(folder)}+{model_sha256(base)}+{dtype}".encode())
+    target = models_dir() / "merged" / key.hexdigest()[:20]
+    if (target / "config.json").exists():
+        return target.resolve()
+    console.info(f"Writing the merged base of {spec} into {target} (once) ...")
+    loader = load_seq_cls if task_type == "SEQ_CLS" else load_causal_lm
+    model, tok = loader(folder, dtype)
+    model = model.merge_and_unload()
+    with atomic_dir(target, force=True) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+    return target.resolve()
 
 
 def _check_weights(folder: Path, allow_pickle: bool) -> None:
@@ -287,6 +372,7 @@ def load_causal_lm(spec: str | Path, dtype: str = "auto", *, allow_pickle: bool 
     if base:
         from peft import PeftModel
         model = PeftModel.from_pretrained(model, folder, is_trainable=trainable_adapter)
+        _name_after_adapter(model, folder)
     if device:
         model.to(device)
     model.eval()
@@ -314,8 +400,16 @@ def load_seq_cls(spec: str | Path, dtype: str = "auto", *, num_labels: int = 1,
     if base:
         from peft import PeftModel
         model = PeftModel.from_pretrained(model, folder)
+        _name_after_adapter(model, folder)
     model.eval()
     return model, tok
+
+
+def _name_after_adapter(model, folder: Path) -> None:
+    """Name the base module inside an adapter model after the adapter folder: once merged
+    (`merge_and_unload`) it is that folder's model, not the bare base, and a new adapter
+    trained on it records so (`save_output` then writes the merged base for plain peft)."""
+    model.get_base_model().name_or_path = str(Path(folder).resolve())
 
 
 _SHA_CACHE: dict[tuple, str] = {}

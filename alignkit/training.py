@@ -11,6 +11,14 @@ Layout of a run writing `OUT`:
 Trainers are Hugging Face / TRL `Trainer`s; `run_trainer` adds the callbacks and the
 signal handling, `save_output` writes the folder. The same code runs under
 `accelerate launch` (only the main process writes).
+
+Every output folder loads in plain transformers/peft from any directory: an adapter's
+`adapter_config.json` names its base by the absolute path of a plain transformers folder
+(an embedded model materialised, an adapter base merged once into the model cache), and
+alignkit.json keeps `base: {spec, path, sha256}`, by which alignkit's loader finds a base
+that moved (`alignkit.models.adapter_base`). The folder's README.md is a model card made
+from alignkit.json (`model_card`). `--report-to tensorboard` writes event files under
+`OUT.partial/runs/`, copied to `OUT/runs/`.
 """
 from __future__ import annotations
 
@@ -23,7 +31,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from . import console
-from .errors import UsageError
+from .errors import AlignkitError, UsageError
 from .io import atomic_dir, manifest
 from .registry import opt
 
@@ -50,6 +58,9 @@ class TrainOptions:
     lora_targets: str = opt("all-linear", "LoRA target modules (comma list or all-linear).")
     merge_lora: bool = opt(False, "Write merged full weights instead of an adapter.")
     logging_steps: int = opt(1, "Write metrics.jsonl every N steps.", low=1)
+    report_to: str = opt("none", "Experiment tracker that also gets the logged metrics "
+                         "(tensorboard: event files in OUT/runs/).", metavar="NAME",
+                         choices=("none", "tensorboard", "wandb", "trackio"))
     save_steps: int = opt(0, "Checkpoint every N steps (0: only on interrupt).", low=0)
     warmup_ratio: float = opt(0.0, "Linear warmup share of the steps.", low=0.0, high=1.0)
     resume: bool = opt(False, "Continue the unfinished run in OUT.partial/.")
@@ -64,6 +75,31 @@ class TrainOptions:
         if self.lr is None:
             self.lr = default
         return self
+
+
+# tracker -> (modules any one of which provides it, what to pip install)
+TRACKERS: dict[str, tuple[tuple[str, ...], str]] = {
+    "tensorboard": (("tensorboard", "tensorboardX"), "tensorboard"),
+    "wandb": (("wandb",), "wandb"),
+    "trackio": (("trackio",), "trackio"),
+}
+
+
+def report_to(opts: TrainOptions) -> list[str]:
+    """The `report_to` list of the trainer configs from --report-to, checked: an unknown
+    name is a UsageError, a tracker whose package is not installed an AlignkitError
+    (exit 1) naming what to install."""
+    import importlib.util
+    name = opts.report_to or "none"
+    if name == "none":
+        return []
+    if name not in TRACKERS:
+        raise UsageError(f"--report-to must be one of none, {', '.join(TRACKERS)}; got {name!r}")
+    modules, package = TRACKERS[name]
+    if not any(importlib.util.find_spec(m) is not None for m in modules):
+        raise AlignkitError(f"--report-to {name}: the package {package!r} is not installed: "
+                            f"run `pip install {package}`")
+    return [name]
 
 
 def work_dir_for(out: str | Path) -> Path:
@@ -84,6 +120,7 @@ def prepare_run(out: str | Path, opts: TrainOptions) -> Path:
     would otherwise find the folder rank 0 just made and refuse)."""
     out = Path(out)
     work = work_dir_for(out)
+    report_to(opts)  # a missing tracker fails before any heavy work
     if not is_main_process():
         return work
     if out.exists() and not opts.force:
@@ -129,7 +166,8 @@ def trainer_kwargs(opts: TrainOptions, work: Path) -> dict:
         logging_steps=opts.logging_steps,
         save_strategy="steps" if opts.save_steps > 0 else "no",
         save_steps=opts.save_steps if opts.save_steps > 0 else 500,
-        report_to=[],
+        report_to=report_to(opts),
+        run_name=work.name.removesuffix(".partial"),
         disable_tqdm=True,
         # transformers 5 renamed it; the old name (TRL configs default it to True) warns.
         activation_checkpointing=opts.gradient_checkpointing,
@@ -253,19 +291,227 @@ def save_output(model, tokenizer, out: str | Path, work: Path, *, force: bool,
                 merge_lora: bool = False, info: dict | None = None,
                 started: float | None = None, seed: int | None = None,
                 inputs: dict | None = None) -> Path:
-    """Write the final model folder atomically (merged or adapter), with metrics.jsonl
-    and alignkit.json, then remove the work folder."""
+    """Write the final model folder atomically (merged or adapter), with metrics.jsonl,
+    alignkit.json (its `base`: {spec, path, sha256}), README.md (the model card) and the
+    tracker logs, then remove the work folder. An adapter's base is recorded as the
+    absolute path of a plain transformers folder (`base_record`)."""
     out = Path(out)
     if merge_lora and hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
+    info = dict(info or {})
+    info["base"] = base_record(model, info.get("base"), work)
     with atomic_dir(out, force=force) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        for log in ("metrics.jsonl", "samples.jsonl"):  # samples: online methods
-            if (work / log).exists():
-                shutil.copy2(work / log, tmp / log)
-        data = manifest(inputs=inputs, seed=seed, started=started, **(info or {}))
-        (tmp / "alignkit.json").write_text(json.dumps(data, indent=2, default=str) + "\n")
+        data = manifest(inputs=inputs, seed=seed, started=started, **info)
+        finish_folder(tmp, work, data, final=out)
     shutil.rmtree(work, ignore_errors=True)
     return out
+
+
+def finish_folder(tmp: Path, work: Path, data: dict, final: Path | None = None) -> None:
+    """What every output folder gets besides its weights: the run's logs from the work
+    folder (metrics.jsonl, samples.jsonl of online methods, the tracker's `runs/`),
+    alignkit.json (`data`) and README.md, the model card made from it (replacing PEFT's
+    boilerplate). `final`: the path the folder will have (named in the card)."""
+    for log in ("metrics.jsonl", "samples.jsonl"):
+        if (work / log).exists():
+            shutil.copy2(work / log, tmp / log)
+    if (work / "runs").is_dir():
+        shutil.copytree(work / "runs", tmp / "runs", dirs_exist_ok=True)
+    (tmp / "alignkit.json").write_text(json.dumps(data, indent=2, default=str) + "\n")
+    (tmp / "README.md").write_text(model_card(data, tmp, final or tmp), encoding="utf-8")
+
+
+def base_record(model, given: dict | None, work: Path) -> dict | None:
+    """alignkit.json's `base` of the model about to be saved: {spec, path, sha256}.
+
+    For a PEFT adapter the base it was trained on is made a plain transformers folder
+    (`models.plain_base`: a relative path made absolute, an embedded name materialised,
+    an adapter merged into the cache), and every adapter config is pointed at that
+    absolute path, so plain peft loads the folder from any directory. `given`: the
+    command's own record ({spec, sha256}) when it keeps one."""
+    from .models import model_sha256, plain_base, resolve
+    given = dict(given) if isinstance(given, dict) else {}
+    configs = getattr(model, "peft_config", None)
+    if isinstance(configs, dict) and configs:
+        cfg = next(iter(configs.values()))
+        recorded = cfg.base_model_name_or_path
+        task = getattr(cfg.task_type, "value", cfg.task_type) or "CAUSAL_LM"
+        try:
+            path = plain_base(recorded, task_type=str(task), dtype=_dtype_name(model))
+        except (AlignkitError, OSError) as e:  # a finished run must not be lost
+            console.warn(f"the adapter's base {recorded!r} is not a model folder ({e}); "
+                         "adapter_config.json keeps it as recorded")
+            return {"spec": given.get("spec", recorded), "path": None,
+                    "sha256": given.get("sha256")}
+        for c in configs.values():
+            c.base_model_name_or_path = str(path)
+        spec = given.get("spec")
+        if not spec or not _same_model(spec, recorded):
+            spec = recorded  # the command's spec is not what the adapter sits on
+        return {"spec": str(spec), "path": str(path), "sha256": model_sha256(path)}
+    spec = given.get("spec") or getattr(model, "name_or_path", None) or None
+    if not spec:
+        return given or None
+    try:
+        path = resolve(spec).resolve()
+    except AlignkitError:
+        path = None
+    if path is not None and work.resolve() in (path, *path.parents):
+        path = None  # built inside the work folder (a fresh student): gone after the run
+    sha = given.get("sha256")
+    if sha is None and path is not None:
+        try:
+            sha = model_sha256(path)
+        except OSError:
+            sha = None
+    return {"spec": str(spec), "path": str(path) if path else None, "sha256": sha}
+
+
+def _same_model(a, b) -> bool:
+    from .models import resolve
+    try:
+        return resolve(a).resolve() == resolve(b).resolve()
+    except (AlignkitError, OSError):
+        return False
+
+
+def _dtype_name(model) -> str:
+    import torch
+    try:
+        dtype = next(model.parameters()).dtype
+    except StopIteration:
+        return "float32"
+    return {torch.bfloat16: "bfloat16", torch.float16: "float16"}.get(dtype, "float32")
+
+
+# --- the model card ------------------------------------------------------------------------
+
+# alignkit.json keys the card shows in their own sections
+_CARD_OWN = {"command", "versions", "inputs", "seed", "counts", "wall_time_s", "base", "data",
+             "hyperparameters", "final_metrics", "metrics", "train_options"}
+_NOT_HPARAMS = {"resume", "force", "extra"}
+
+
+def model_card(data: dict, folder: Path, final: Path) -> str:
+    """README.md of an output folder, from its alignkit.json (`data`): what it is, the
+    base, the data, the hyperparameters, the final metrics, the command line and how to
+    load it with transformers/peft."""
+    folder, final = Path(folder), Path(final)
+    adapter = (folder / "adapter_config.json").exists()
+    cfg = _read_json(folder / ("adapter_config.json" if adapter else "config.json"))
+    seq_cls = cfg.get("task_type") == "SEQ_CLS" if adapter else any(
+        str(a).endswith("ForSequenceClassification") for a in cfg.get("architectures") or [])
+    method = data.get("method") or next(
+        (v for k, v in data.items() if k.endswith("_method") and isinstance(v, str)), "unknown")
+    base = data.get("base") if isinstance(data.get("base"), dict) else {}
+    what = ("reward model (sequence classification, one score per text)" if seq_cls
+            else "causal language model")
+    form = (f"a LoRA adapter (r={cfg.get('r')}, alpha={cfg.get('lora_alpha')}) over its base"
+            if adapter else "full weights")
+    out = ["---", f"library_name: {'peft' if adapter else 'transformers'}", "tags:",
+           "- alignkit", f"- {method}", "---", "", f"# {final.name}", "",
+           f"A {what} trained with alignkit's `{method}` method: {form}.", "",
+           "| | |", "| --- | --- |", f"| method | `{method}` |"]
+    out += [f"| base {k} | {_cell(base.get(k))} |" for k in ("spec", "path", "sha256")
+            if base.get(k)]
+    out += [f"| seed | {_cell(data.get('seed'))} |",
+            f"| wall time (s) | {_cell(data.get('wall_time_s'))} |", ""]
+
+    out += ["## Data", ""]
+    if isinstance(data.get("data"), dict):
+        out += _table(data["data"])
+    elif data.get("inputs"):
+        out += ["| input | sha256 |", "| --- | --- |"]
+        out += [f"| {_cell(k)} | {_cell(v)} |" for k, v in data["inputs"].items()]
+        out.append("")
+    if data.get("counts"):
+        out += ["Counts:", ""] + _table(data["counts"])
+
+    out += ["## Hyperparameters", ""]
+    hp = data.get("hyperparameters") or data.get("train_options") or {}
+    out += _table({k: v for k, v in hp.items() if k not in _NOT_HPARAMS})
+    for key, value in data.items():
+        if key.endswith("_options") and key != "train_options" and isinstance(value, dict):
+            out += [f"### {key.replace('_', ' ')}", ""] + _table(value)
+
+    metrics = data.get("final_metrics") or data.get("metrics") or {}
+    out += ["## Final metrics", ""] + (_table(_flatten(metrics)) if metrics else
+                                        ["(none logged)", ""])
+    rest = {k: v for k, v in data.items() if k not in _CARD_OWN and not k.endswith("_options")
+            and v not in (None, "", {}, [])}
+    if rest:
+        out += ["## Other settings", ""] + _table(rest)
+
+    out += ["## Command", "", "```bash", str(data.get("command", "")), "```", ""]
+    out += ["## How to load", ""]
+    if adapter or cfg:
+        out += _load_snippet(str(final.resolve()), adapter, seq_cls, base)
+    else:  # alignkit's own layout (a reward model of several parts)
+        out += [f"This folder has alignkit's `{method}` layout (see alignkit.json): load it "
+                f"with `alignkit.reward_models.load_reward_model({str(final.resolve())!r})` "
+                f"or score with `alignkit score --scorer rm:{final.resolve()}`.", ""]
+    versions = data.get("versions") or {}
+    if versions:
+        out += ["## Versions", ""] + _table(versions)
+    out += ["Written by alignkit from `alignkit.json` (the full provenance record); "
+            "`metrics.jsonl` has every logged step."]
+    return "\n".join(out) + "\n"
+
+
+def _load_snippet(path: str, adapter: bool, seq_cls: bool, base: dict) -> list[str]:
+    head = "AutoPeftModelFor" if adapter else "AutoModelFor"
+    cls = head + ("SequenceClassification" if seq_cls else "CausalLM")
+    module = "peft" if adapter else "transformers"
+    extra = ", num_labels=1" if seq_cls else ""
+    lines = ["```python", f"from {module} import {cls}", "from transformers import AutoTokenizer",
+             "", f"model = {cls}.from_pretrained({path!r}{extra})",
+             f"tokenizer = AutoTokenizer.from_pretrained({path!r})"]
+    if seq_cls:
+        lines += ['batch = tokenizer(["<the prompt and completion, rendered>"], return_tensors="pt")',
+                  "reward = model(**batch).logits[:, 0]"]
+    lines += ["```", ""]
+    if adapter:
+        lines += [f"The base is read from `adapter_config.json`: `{base.get('path')}` (a plain "
+                  "transformers folder). If it moves, alignkit's loaders "
+                  "(`alignkit.models.load_causal_lm` / `load_seq_cls`, hence every command "
+                  "taking this folder) find it again by its sha256 in alignkit's model cache; "
+                  "for plain peft, point `base_model_name_or_path` at its new place.", ""]
+    return lines
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    flat: dict = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            flat.update(_flatten(v, f"{prefix}{k}/"))
+        else:
+            flat[f"{prefix}{k}"] = v
+    return flat
+
+
+def _cell(v) -> str:
+    if isinstance(v, float):
+        text = f"{v:.6g}"
+    elif isinstance(v, (dict, list, tuple)):
+        text = json.dumps(v, default=str)
+    else:
+        text = "" if v is None else str(v)
+    text = text.replace("|", "\\|").replace("\n", " ")
+    return f"`{text}`" if text and not isinstance(v, (int, float)) else text or "-"
+
+
+def _table(d: dict) -> list[str]:
+    if not d:
+        return ["(none)", ""]
+    return ["| name | value |", "| --- | --- |"] + [
+        f"| {k} | {_cell(v)} |" for k, v in d.items()] + [""]

@@ -50,6 +50,7 @@ complete -c alignkit -n '__fish_seen_subcommand_from distill' -l on-policy
 complete -c alignkit -n '__fish_seen_subcommand_from distill' -l output -r
 complete -c alignkit -n '__fish_seen_subcommand_from distill' -l policy -r
 complete -c alignkit -n '__fish_seen_subcommand_from distill' -l quiet
+complete -c alignkit -n '__fish_seen_subcommand_from distill' -l report-to -r
 complete -c alignkit -n '__fish_seen_subcommand_from distill' -l responses -r
 complete -c alignkit -n '__fish_seen_subcommand_from distill' -l resume
 complete -c alignkit -n '__fish_seen_subcommand_from distill' -l save-steps -r
@@ -316,6 +317,7 @@ complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l opt -r
 complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l output -r
 complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l quiet
 complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l ref-model -r -a 'smollm2-135m-instruct minilm-l6 tiny-llama'
+complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l report-to -r
 complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l resume
 complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l reward -x -a 'rules rm pairwise judge python length'
 complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l reward-weights -r
@@ -373,6 +375,7 @@ complete -c alignkit -n '__fish_seen_subcommand_from train-rm' -l noise-rate -r
 complete -c alignkit -n '__fish_seen_subcommand_from train-rm' -l output -r
 complete -c alignkit -n '__fish_seen_subcommand_from train-rm' -l pal-dim -r
 complete -c alignkit -n '__fish_seen_subcommand_from train-rm' -l quiet
+complete -c alignkit -n '__fish_seen_subcommand_from train-rm' -l report-to -r
 complete -c alignkit -n '__fish_seen_subcommand_from train-rm' -l resume
 complete -c alignkit -n '__fish_seen_subcommand_from train-rm' -l save-steps -r
 complete -c alignkit -n '__fish_seen_subcommand_from train-rm' -l seed -r

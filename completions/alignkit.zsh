@@ -31,6 +31,7 @@ _alignkit() {
     "distill --num-samples") _files; return ;;
     "distill --output") _files; return ;;
     "distill --policy") _files; return ;;
+    "distill --report-to") _files; return ;;
     "distill --responses") _files; return ;;
     "distill --save-steps") _files; return ;;
     "distill --seed") _files; return ;;
@@ -216,6 +217,7 @@ _alignkit() {
     "train-policy --opt") _files; return ;;
     "train-policy --output") _files; return ;;
     "train-policy --ref-model") compadd -- smollm2-135m-instruct minilm-l6 tiny-llama; _files; return ;;
+    "train-policy --report-to") _files; return ;;
     "train-policy --reward") compadd -- rules rm pairwise judge python length; return ;;
     "train-policy --reward-weights") _files; return ;;
     "train-policy --rubric") _files; return ;;
@@ -259,6 +261,7 @@ _alignkit() {
     "train-rm --noise-rate") _files; return ;;
     "train-rm --output") _files; return ;;
     "train-rm --pal-dim") _files; return ;;
+    "train-rm --report-to") _files; return ;;
     "train-rm --save-steps") _files; return ;;
     "train-rm --seed") _files; return ;;
     "train-rm --user-lr") _files; return ;;
@@ -268,7 +271,7 @@ _alignkit() {
   esac
   case "$p" in
     "") compadd -- distill env eval gen-pairs lineage merge-soup models relabel schema score train-policy train-rm --debug --quiet --verbose --version -q -v ;;
-    "distill") if [[ $cur == -* ]]; then compadd -- --allow-pickle --batch-size --beta --beta2 --config --contrast --dtype --epochs --eval-split --force --grad-accum --gradient-checkpointing --kd-temperature --len-norm --list-methods --lmbda --logging-steps --lora-alpha --lora-dropout --lora-r --lora-targets --lr --max-length --max-new-tokens --max-steps --merge-lora --method --no-len-norm --num-samples --on-policy --output --policy --quiet --responses --resume --save-steps --seed --student --student-config --teacher --teacher-ref --temperature --top-p --trust-remote-code --verbose --warmup-ratio --weight -m -n -o -q -s -t -v; else _files; fi ;;
+    "distill") if [[ $cur == -* ]]; then compadd -- --allow-pickle --batch-size --beta --beta2 --config --contrast --dtype --epochs --eval-split --force --grad-accum --gradient-checkpointing --kd-temperature --len-norm --list-methods --lmbda --logging-steps --lora-alpha --lora-dropout --lora-r --lora-targets --lr --max-length --max-new-tokens --max-steps --merge-lora --method --no-len-norm --num-samples --on-policy --output --policy --quiet --report-to --responses --resume --save-steps --seed --student --student-config --teacher --teacher-ref --temperature --top-p --trust-remote-code --verbose --warmup-ratio --weight -m -n -o -q -s -t -v; else _files; fi ;;
     "env") if [[ $cur == -* ]]; then compadd -- --config --json --quiet --verbose -q -v; else _files; fi ;;
     "eval") if [[ $cur == -* ]]; then compadd -- --aggregate --baseline --baseline-samples --batch-size --calibrate --config --dtype --force --hybrid --kl-samples --limit --max-new-tokens --model --n-boot --no-kl --num-samples --pairs --quiet --report --rubric --samples-out --scorer --scorer-batch-size --scorer-device --scorer-max-length --seed --system --temperature --tokenizer --top-p --training-metrics --transform --user --verbose --weights -b -m -n -q -s -v; else _files; fi ;;
     "gen-pairs") if [[ $cur == -* ]]; then compadd -- --allow-pickle --alpha --batch-size --config --contrast-prompt --dtype --engine --max-new-tokens --mixture --model --num-samples --output --pair-with-reference --quiet --raw --resume-from --seed --shard --system --temperature --top-k --top-p --trust-remote-code --verbose -m -n -o -q -v; else _files; fi ;;
@@ -281,8 +284,8 @@ _alignkit() {
     "relabel") if [[ $cur == -* ]]; then compadd -- --aggregate --agree --batch-size --calibrate --config --dedupe --dtype --hybrid --k --keep --length-balance --max-length --min-chosen --min-margin --no-system --output --quantile --quiet --rm --rubric --scale --scorer-batch-size --scorer-device --scorer-max-length --seed --shard --strategy --threshold --tokenizer --transform --user --verbose -o -q -v; else _files; fi ;;
     "schema") if [[ $cur == -* ]]; then compadd -- --config --quiet --verbose -q -v; else _files; fi ;;
     "score") if [[ $cur == -* ]]; then compadd -- --aggregate --allow-pickle --batch-size --calibrate --chunk --config --device --dtype --hybrid --max-length --output --quiet --rubric --scorer --scorer-batch-size --scorer-device --scorer-max-length --shard --tokenizer --transform --trust-remote-code --user --verbose --weights -o -q -s -v; else _files; fi ;;
-    "train-policy") if [[ $cur == -* ]]; then compadd -- --aggregate --allow-pickle --alpha --batch-size --beta --calibrate --clip --config --dtype --entropy-quantile --entropy-scope --entropy-threshold --epochs --epsilon --epsilon-high --force --grad-accum --gradient-checkpointing --grao-lambda --hybrid --importance-sampling --label-smoothing --list-methods --logging-steps --lora-alpha --lora-dropout --lora-r --lora-targets --loss --loss-weights --lr --mask-truncated --max-length --max-new-tokens --max-steps --merge-lora --method --model --no-record-ref --no-ref-cache --num-generations --opt --output --quiet --ref-model --resume --reward --reward-weights --rubric --sample-every --save-steps --scale-rewards --scorer-batch-size --scorer-device --scorer-max-length --seed --sft-weight --simpo-gamma --temperature --tokenizer --transform --trust-remote-code --user --verbose --warmup-ratio -m -o -q -v; else _files; fi ;;
-    "train-rm") if [[ $cur == -* ]]; then compadd -- --adapt-users --batch-size --center-rewards --config --curriculum --dtype --em-iters --epochs --eval-pairs --eval-split --force --grad-accum --gradient-checkpointing --head-lr --k --list-methods --logging-steps --lora-alpha --lora-dropout --lora-r --lora-targets --lr --margin --max-length --max-steps --merge-lora --method --model --no-curriculum --noise-rate --output --pal-dim --quiet --resume --save-steps --seed --user-lr --verbose --warmup-ratio -m -o -q -v; else _files; fi ;;
+    "train-policy") if [[ $cur == -* ]]; then compadd -- --aggregate --allow-pickle --alpha --batch-size --beta --calibrate --clip --config --dtype --entropy-quantile --entropy-scope --entropy-threshold --epochs --epsilon --epsilon-high --force --grad-accum --gradient-checkpointing --grao-lambda --hybrid --importance-sampling --label-smoothing --list-methods --logging-steps --lora-alpha --lora-dropout --lora-r --lora-targets --loss --loss-weights --lr --mask-truncated --max-length --max-new-tokens --max-steps --merge-lora --method --model --no-record-ref --no-ref-cache --num-generations --opt --output --quiet --ref-model --report-to --resume --reward --reward-weights --rubric --sample-every --save-steps --scale-rewards --scorer-batch-size --scorer-device --scorer-max-length --seed --sft-weight --simpo-gamma --temperature --tokenizer --transform --trust-remote-code --user --verbose --warmup-ratio -m -o -q -v; else _files; fi ;;
+    "train-rm") if [[ $cur == -* ]]; then compadd -- --adapt-users --batch-size --center-rewards --config --curriculum --dtype --em-iters --epochs --eval-pairs --eval-split --force --grad-accum --gradient-checkpointing --head-lr --k --list-methods --logging-steps --lora-alpha --lora-dropout --lora-r --lora-targets --lr --margin --max-length --max-steps --merge-lora --method --model --no-curriculum --noise-rate --output --pal-dim --quiet --report-to --resume --save-steps --seed --user-lr --verbose --warmup-ratio -m -o -q -v; else _files; fi ;;
     *) _files ;;
   esac
 }

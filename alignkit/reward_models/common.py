@@ -13,7 +13,6 @@ the mean margin r(chosen) − r(rejected), and per-user accuracy when pairs carr
 """
 from __future__ import annotations
 
-import json
 import math
 import random
 import shutil
@@ -344,12 +343,11 @@ def write_folder(out: str | Path, work: Path, *, force: bool, write: Callable[[P
     """The output folder of a non-bt method, atomically (as training.save_output does
     for one model): `write(tmp)` fills it, then metrics.jsonl and alignkit.json."""
     out = Path(out)
+    from ..training import finish_folder
     with atomic_dir(out, force=force) as tmp:
         write(tmp)
-        if (work / "metrics.jsonl").exists():
-            shutil.copy2(work / "metrics.jsonl", tmp / "metrics.jsonl")
-        data = manifest(inputs=inputs, seed=seed, started=started, **info)
-        (tmp / "alignkit.json").write_text(json.dumps(data, indent=2, default=str) + "\n")
+        finish_folder(tmp, work, manifest(inputs=inputs, seed=seed, started=started, **info),
+                      final=out)
     shutil.rmtree(work, ignore_errors=True)
     return out
 
