@@ -47,7 +47,8 @@ Defaults and readings (ALGORITHMS.md marks these UNVERIFIED where noted):
   by entropy (the 80/20 paper), scope batch.
 - p3o: kappa (--beta) 0.01, epsilon 0.2, ratio clamp c = 10, rewards over a running
   std clipped to ±10, num_iterations 2 (`--opt num_iterations=N`), all from the
-  authors' trlx example; q uses the rollout-time log-ratios (UNVERIFIED).
+  authors' trlx example; q uses the current policy's log-ratios (the authors'
+  `modeling_p3o.py`), the rollout-time ones only the ratio and the clip.
 - online-ipo / ipo-md: tau (--beta) 0.1, summed log-probs (TRL's OnlineDPO), P = 1,
   0 or ½ on a tie (an unscored pair is skipped); ipo-md alpha 0.5 (TRL Nash-MD's
   mixture_coef; the paper's is UNVERIFIED). For ipo-md, `kl_ref` is measured on the

@@ -147,13 +147,15 @@ def earl_gate(entropies: torch.Tensor, mask: torch.Tensor, quantile: float,
 
 # --- pairs: P3O and IPO ----------------------------------------------------------------------
 
-def pair_indices(groups: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Which completions form the pairs of P3O / online IPO / IPO-MD: (first, second)
-    index tensors [P]. `groups` [N] holds each completion's prompt (the dataset row it
-    was sampled for); each completion is paired with the next one of the same prompt,
-    in order (first with second, third with fourth), and the pairs are listed by
-    their first member. A completion left without a partner is a ValueError (the two
-    samples of a prompt must stay in one step)."""
+def pair_order(groups: torch.Tensor) -> torch.Tensor:
+    """The row order [N] that puts the two completions of each pair side by side, so that
+    the pairs of P3O / online IPO / IPO-MD are rows (0, 1), (2, 3), ... after indexing.
+
+    `groups` [N] is each completion's prompt (its dataset row). Each completion pairs with
+    the next completion of the same prompt (first with second, third with fourth, in
+    sampling order; y1 is the one sampled first); the pairs keep the order of their
+    first members. A completion left without a partner is a ValueError: the two samples
+    of a prompt must be in the same step."""
     open_: dict = {}
     pairs: list[tuple[int, int]] = []
     for i, g in enumerate(groups.tolist()):
@@ -165,9 +167,8 @@ def pair_indices(groups: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         raise ValueError(f"completions {sorted(open_.values())} have no partner of the same "
                          "prompt in this batch")
     pairs.sort()
-    first = torch.tensor([a for a, _ in pairs], dtype=torch.long, device=groups.device)
-    second = torch.tensor([b for _, b in pairs], dtype=torch.long, device=groups.device)
-    return first, second
+    return torch.tensor([k for pair in pairs for k in pair], dtype=torch.long,
+                        device=groups.device)
 
 
 def pair_preference(r1: torch.Tensor, r2: torch.Tensor) -> torch.Tensor:
@@ -219,7 +220,7 @@ def p3o_token_loss(lp1: torch.Tensor, lp1_old: torch.Tensor, m1: torch.Tensor,
 def p3o_pair_loss(logps: torch.Tensor, old: torch.Tensor, ref: torch.Tensor, mask: torch.Tensor,
                   rewards: torch.Tensor, kappa: float, ratio_clip: float, eps: float,
                   clip: str = "pair") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """P3O on rows paired (0,1), (2,3), ...: (per-pair loss, q, ρ).
+    """P3O on rows paired (0,1), (2,3), ... (`pair_order`): (per-pair loss, q, ρ).
 
     L_i = Σ_t (log πθ − log πref) with the CURRENT policy's log-probs, as the paper and its
     authors' code define q = sg[(r1 − r2) − κ(L1 − L2)]; the rollout-time log-probs `old`

@@ -336,13 +336,17 @@ class PairTrainer(_GRPOBase):
     two samples of a prompt stay together (no shuffle of the rollout), rewards from the
     scorer, reference log-probs from the reference (`kind`, `coef` = κ or τ).
 
-    - p3o: q = sg[(r̃1 − r̃2) − κ(L1_old − L2_old)], r̃ the rewards over a running std
-      clipped to ±10, L = Σ_t(log πθ − log πref); ρ = sg[exp(ΔL1 + ΔL2)] in [1/c, c];
-      joint clip on d = L1 − L2 (`clip="pair"`) or token-wise clip (`clip="token"`);
-      the sum over pairs divided by the completion tokens. With `num_iterations` > 1 a
-      rollout is reused, and the rollout-time values are the "old" ones.
+    - p3o: q = sg[(r̃1 − r̃2) − κ(L1 − L2)], r̃ the rewards over a running std clipped
+      to ±10, L = Σ_t(log πθ − log πref) of the current policy (the authors' code);
+      ρ = sg[exp(ΔL1 + ΔL2)] in [1/c, c], ΔL = L − L_old; joint clip on d = L1 − L2
+      (`clip="pair"`) or token-wise clip (`clip="token"`); the sum over pairs divided
+      by the completion tokens. With `num_iterations` > 1 a rollout is reused, and the
+      rollout-time values are the "old" ones.
     - online-ipo / ipo-md: (h − (P(y1 ≻ y2) − ½)/τ)², P from the rewards (½ on a tie,
       the pair skipped when either is unscored), mean over pairs.
+
+    A pair is the two completions of one prompt (`pair_group`, the prompt's dataset row;
+    online_losses.pair_order), y1 the one sampled first.
     """
 
     def __init__(self, *args, kind: str, coef: float, clip: str = "pair", eps: float = 0.2,
@@ -370,6 +374,8 @@ class PairTrainer(_GRPOBase):
             self.reward_std.update(self._ak_rewards[:, 0].float().cpu())
             rewards = self.reward_std.scale(rewards)
         out["pair_rewards"] = rewards
+        out["pair_group"] = torch.tensor([int(x["row"]) for x in inputs], dtype=torch.long,
+                                         device=out["completion_ids"].device)
         out["ref_token_logps"] = self._ak_ref_token_logps(out)
         return out
 
@@ -379,8 +385,12 @@ class PairTrainer(_GRPOBase):
         old = inputs.get("old_per_token_logps")
         old = logps.detach() if old is None else old
         ref = inputs["ref_token_logps"]
-        seq = ((logps - ref) * mask).sum(-1)
         r = inputs["pair_rewards"]
+        # the two samples of each prompt side by side: pairs (0, 1), (2, 3), ...
+        order = L.pair_order(inputs["pair_group"])
+        logps, entropies, mask, old, ref, r = (
+            x[order] for x in (logps, entropies, mask, old, ref, r))
+        seq = ((logps - ref) * mask).sum(-1)
         mode = "train" if self.model.training else "eval"
         metrics = self._metrics[mode]
         if self.pair_kind == "p3o":

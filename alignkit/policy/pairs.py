@@ -30,8 +30,10 @@ GRPO_DEFAULT_LOSS = "dapo"
 # With --label-smoothing > 0 (dpo): TRL's sigmoid ignores it, alignkit's cDPO is the
 # smoothed sigmoid.
 SMOOTHED = {"sigmoid": "cdpo"}
-# the losses a label-smoothing value changes (alignkit's cDPO for sigmoid; TRL's others)
-SMOOTHING_LOSSES = frozenset({"sigmoid", "exo_pair", "robust", "aot", "aot_unpaired"})
+# the losses a label-smoothing value changes (alignkit's cDPO, also as sigmoid; TRL's others:
+# TRL 1.16's hinge, ipo, sigmoid_norm, nca_pair, bco_pair, sppo_hard, apo_*, discopop and
+# sft ignore it)
+SMOOTHING_LOSSES = frozenset({"sigmoid", "cdpo", "exo_pair", "robust", "aot", "aot_unpaired"})
 
 # --- parameters (`--loss` is also grpo's and earl's: online.py) -------------------------------
 
@@ -87,6 +89,8 @@ def parse_losses(method, loss: str | None, weights: str | None,
             raise UsageError(f"--label-smoothing has no effect with --loss {','.join(names)}: "
                              f"only {', '.join(sorted(SMOOTHING_LOSSES))} use it")
         names = [SMOOTHED.get(n, n) for n in names]
+    elif "exo_pair" in names:  # TRL raises only once the models are loaded
+        raise UsageError("--loss exo_pair needs --label-smoothing > 0 (the EXO paper: 1e-3)")
     ours = [n for n in names if n in method.custom_losses]
     custom = bool(ours)
     if custom:
