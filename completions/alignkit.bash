@@ -212,7 +212,7 @@ _alignkit() {
         "train-policy --max-length") COMPREPLY=( $(compgen -f -- "$cur")); return ;;
         "train-policy --max-new-tokens") COMPREPLY=( $(compgen -f -- "$cur")); return ;;
         "train-policy --max-steps") COMPREPLY=( $(compgen -f -- "$cur")); return ;;
-        "train-policy --method") COMPREPLY=($(compgen -W "sft simpo orpo kto dpo sppo copg pro grao grpo gtpo earl rloo p3o online-ipo ipo-md" -- "$cur")); return ;;
+        "train-policy --method") COMPREPLY=($(compgen -W "sft simpo orpo kto dpo sppo copg pro grao grpo gtpo earl rloo p3o online-ipo ipo-md seppo" -- "$cur")); return ;;
         "train-policy --model") COMPREPLY=($(compgen -W "smollm2-135m-instruct minilm-l6 tiny-llama" -- "$cur") $(compgen -f -- "$cur")); return ;;
         "train-policy --num-generations") COMPREPLY=( $(compgen -f -- "$cur")); return ;;
         "train-policy --opt") COMPREPLY=( $(compgen -f -- "$cur")); return ;;
@@ -229,6 +229,8 @@ _alignkit() {
         "train-policy --scorer-device") COMPREPLY=( $(compgen -f -- "$cur")); return ;;
         "train-policy --scorer-max-length") COMPREPLY=( $(compgen -f -- "$cur")); return ;;
         "train-policy --seed") COMPREPLY=( $(compgen -f -- "$cur")); return ;;
+        "train-policy --seppo-max-snapshots") COMPREPLY=( $(compgen -f -- "$cur")); return ;;
+        "train-policy --seppo-snapshot-every") COMPREPLY=( $(compgen -f -- "$cur")); return ;;
         "train-policy --sft-weight") COMPREPLY=( $(compgen -f -- "$cur")); return ;;
         "train-policy --simpo-gamma") COMPREPLY=( $(compgen -f -- "$cur")); return ;;
         "train-policy --temperature") COMPREPLY=( $(compgen -f -- "$cur")); return ;;
@@ -236,7 +238,7 @@ _alignkit() {
         "train-policy --transform") COMPREPLY=( $(compgen -f -- "$cur")); return ;;
         "train-policy --user") COMPREPLY=( $(compgen -f -- "$cur")); return ;;
         "train-policy --warmup-ratio") COMPREPLY=( $(compgen -f -- "$cur")); return ;;
-        "train-policy -m") COMPREPLY=($(compgen -W "sft simpo orpo kto dpo sppo copg pro grao grpo gtpo earl rloo p3o online-ipo ipo-md" -- "$cur")); return ;;
+        "train-policy -m") COMPREPLY=($(compgen -W "sft simpo orpo kto dpo sppo copg pro grao grpo gtpo earl rloo p3o online-ipo ipo-md seppo" -- "$cur")); return ;;
         "train-policy -o") COMPREPLY=( $(compgen -f -- "$cur")); return ;;
         "train-rm --batch-size") COMPREPLY=( $(compgen -f -- "$cur")); return ;;
         "train-rm --center-rewards") COMPREPLY=( $(compgen -f -- "$cur")); return ;;
@@ -285,7 +287,7 @@ _alignkit() {
         "relabel") if [[ $cur == -* ]]; then COMPREPLY=($(compgen -W "--aggregate --agree --batch-size --calibrate --config --dedupe --dtype --hybrid --k --keep --length-balance --max-length --min-chosen --min-margin --no-system --output --quantile --quiet --rm --rubric --scale --scorer-batch-size --scorer-device --scorer-max-length --seed --shard --strategy --threshold --tokenizer --transform --user --verbose -o -q -v" -- "$cur")); else COMPREPLY=($(compgen -f -- "$cur")); fi ;;
         "schema") if [[ $cur == -* ]]; then COMPREPLY=($(compgen -W "--config --quiet --verbose -q -v" -- "$cur")); else COMPREPLY=($(compgen -f -- "$cur")); fi ;;
         "score") if [[ $cur == -* ]]; then COMPREPLY=($(compgen -W "--aggregate --allow-pickle --batch-size --calibrate --chunk --config --device --dtype --hybrid --max-length --output --quiet --rubric --scorer --scorer-batch-size --scorer-device --scorer-max-length --shard --tokenizer --transform --trust-remote-code --user --verbose --weights -o -q -s -v" -- "$cur")); else COMPREPLY=($(compgen -f -- "$cur")); fi ;;
-        "train-policy") if [[ $cur == -* ]]; then COMPREPLY=($(compgen -W "--aggregate --allow-pickle --alpha --batch-size --beta --calibrate --clip --config --dtype --entropy-quantile --entropy-scope --entropy-threshold --epochs --epsilon --epsilon-high --force --grad-accum --gradient-checkpointing --grao-lambda --hybrid --importance-sampling --label-smoothing --list-methods --logging-steps --lora-alpha --lora-dropout --lora-r --lora-targets --loss --loss-weights --lr --mask-truncated --max-length --max-new-tokens --max-steps --merge-lora --method --model --no-record-ref --no-ref-cache --num-generations --opt --output --quiet --ref-model --report-to --resume --reward --reward-weights --rubric --sample-every --save-steps --scale-rewards --scorer-batch-size --scorer-device --scorer-max-length --seed --sft-weight --simpo-gamma --temperature --tokenizer --transform --trust-remote-code --user --verbose --warmup-ratio -m -o -q -v" -- "$cur")); else COMPREPLY=($(compgen -f -- "$cur")); fi ;;
+        "train-policy") if [[ $cur == -* ]]; then COMPREPLY=($(compgen -W "--aggregate --allow-pickle --alpha --batch-size --beta --calibrate --clip --config --dtype --entropy-quantile --entropy-scope --entropy-threshold --epochs --epsilon --epsilon-high --force --grad-accum --gradient-checkpointing --grao-lambda --hybrid --importance-sampling --label-smoothing --list-methods --logging-steps --lora-alpha --lora-dropout --lora-r --lora-targets --loss --loss-weights --lr --mask-truncated --max-length --max-new-tokens --max-steps --merge-lora --method --model --no-record-ref --no-ref-cache --num-generations --opt --output --quiet --ref-model --report-to --resume --reward --reward-weights --rubric --sample-every --save-steps --scale-rewards --scorer-batch-size --scorer-device --scorer-max-length --seed --seppo-max-snapshots --seppo-snapshot-every --sft-weight --simpo-gamma --temperature --tokenizer --transform --trust-remote-code --user --verbose --warmup-ratio -m -o -q -v" -- "$cur")); else COMPREPLY=($(compgen -f -- "$cur")); fi ;;
         "train-rm") if [[ $cur == -* ]]; then COMPREPLY=($(compgen -W "--adapt-users --batch-size --center-rewards --config --curriculum --dtype --em-iters --epochs --eval-pairs --eval-split --force --grad-accum --gradient-checkpointing --head-lr --k --list-methods --logging-steps --lora-alpha --lora-dropout --lora-r --lora-targets --lr --margin --max-length --max-steps --merge-lora --method --model --no-curriculum --noise-rate --output --pal-dim --quiet --report-to --resume --save-steps --seed --user-lr --verbose --warmup-ratio -m -o -q -v" -- "$cur")); else COMPREPLY=($(compgen -f -- "$cur")); fi ;;
         *) COMPREPLY=($(compgen -f -- "$cur")) ;;
     esac

@@ -308,7 +308,7 @@ complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l max-length
 complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l max-new-tokens -r
 complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l max-steps -r
 complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l merge-lora
-complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l method -x -a 'sft simpo orpo kto dpo sppo copg pro grao grpo gtpo earl rloo p3o online-ipo ipo-md'
+complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l method -x -a 'sft simpo orpo kto dpo sppo copg pro grao grpo gtpo earl rloo p3o online-ipo ipo-md seppo'
 complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l model -r -a 'smollm2-135m-instruct minilm-l6 tiny-llama'
 complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l no-record-ref
 complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l no-ref-cache
@@ -329,6 +329,8 @@ complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l scorer-bat
 complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l scorer-device -r
 complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l scorer-max-length -r
 complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l seed -r
+complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l seppo-max-snapshots -r
+complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l seppo-snapshot-every -r
 complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l sft-weight -r
 complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l simpo-gamma -r
 complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l temperature -r
@@ -338,7 +340,7 @@ complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l trust-remo
 complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l user -r
 complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l verbose
 complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l warmup-ratio -r
-complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -s m -x -a 'sft simpo orpo kto dpo sppo copg pro grao grpo gtpo earl rloo p3o online-ipo ipo-md'
+complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -s m -x -a 'sft simpo orpo kto dpo sppo copg pro grao grpo gtpo earl rloo p3o online-ipo ipo-md seppo'
 complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -s o -r
 complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -s q
 complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -s v

@@ -211,7 +211,7 @@ _alignkit() {
     "train-policy --max-length") _files; return ;;
     "train-policy --max-new-tokens") _files; return ;;
     "train-policy --max-steps") _files; return ;;
-    "train-policy --method") compadd -- sft simpo orpo kto dpo sppo copg pro grao grpo gtpo earl rloo p3o online-ipo ipo-md; return ;;
+    "train-policy --method") compadd -- sft simpo orpo kto dpo sppo copg pro grao grpo gtpo earl rloo p3o online-ipo ipo-md seppo; return ;;
     "train-policy --model") compadd -- smollm2-135m-instruct minilm-l6 tiny-llama; _files; return ;;
     "train-policy --num-generations") _files; return ;;
     "train-policy --opt") _files; return ;;
@@ -228,6 +228,8 @@ _alignkit() {
     "train-policy --scorer-device") _files; return ;;
     "train-policy --scorer-max-length") _files; return ;;
     "train-policy --seed") _files; return ;;
+    "train-policy --seppo-max-snapshots") _files; return ;;
+    "train-policy --seppo-snapshot-every") _files; return ;;
     "train-policy --sft-weight") _files; return ;;
     "train-policy --simpo-gamma") _files; return ;;
     "train-policy --temperature") _files; return ;;
@@ -235,7 +237,7 @@ _alignkit() {
     "train-policy --transform") _files; return ;;
     "train-policy --user") _files; return ;;
     "train-policy --warmup-ratio") _files; return ;;
-    "train-policy -m") compadd -- sft simpo orpo kto dpo sppo copg pro grao grpo gtpo earl rloo p3o online-ipo ipo-md; return ;;
+    "train-policy -m") compadd -- sft simpo orpo kto dpo sppo copg pro grao grpo gtpo earl rloo p3o online-ipo ipo-md seppo; return ;;
     "train-policy -o") _files; return ;;
     "train-rm --batch-size") _files; return ;;
     "train-rm --center-rewards") _files; return ;;
@@ -284,7 +286,7 @@ _alignkit() {
     "relabel") if [[ $cur == -* ]]; then compadd -- --aggregate --agree --batch-size --calibrate --config --dedupe --dtype --hybrid --k --keep --length-balance --max-length --min-chosen --min-margin --no-system --output --quantile --quiet --rm --rubric --scale --scorer-batch-size --scorer-device --scorer-max-length --seed --shard --strategy --threshold --tokenizer --transform --user --verbose -o -q -v; else _files; fi ;;
     "schema") if [[ $cur == -* ]]; then compadd -- --config --quiet --verbose -q -v; else _files; fi ;;
     "score") if [[ $cur == -* ]]; then compadd -- --aggregate --allow-pickle --batch-size --calibrate --chunk --config --device --dtype --hybrid --max-length --output --quiet --rubric --scorer --scorer-batch-size --scorer-device --scorer-max-length --shard --tokenizer --transform --trust-remote-code --user --verbose --weights -o -q -s -v; else _files; fi ;;
-    "train-policy") if [[ $cur == -* ]]; then compadd -- --aggregate --allow-pickle --alpha --batch-size --beta --calibrate --clip --config --dtype --entropy-quantile --entropy-scope --entropy-threshold --epochs --epsilon --epsilon-high --force --grad-accum --gradient-checkpointing --grao-lambda --hybrid --importance-sampling --label-smoothing --list-methods --logging-steps --lora-alpha --lora-dropout --lora-r --lora-targets --loss --loss-weights --lr --mask-truncated --max-length --max-new-tokens --max-steps --merge-lora --method --model --no-record-ref --no-ref-cache --num-generations --opt --output --quiet --ref-model --report-to --resume --reward --reward-weights --rubric --sample-every --save-steps --scale-rewards --scorer-batch-size --scorer-device --scorer-max-length --seed --sft-weight --simpo-gamma --temperature --tokenizer --transform --trust-remote-code --user --verbose --warmup-ratio -m -o -q -v; else _files; fi ;;
+    "train-policy") if [[ $cur == -* ]]; then compadd -- --aggregate --allow-pickle --alpha --batch-size --beta --calibrate --clip --config --dtype --entropy-quantile --entropy-scope --entropy-threshold --epochs --epsilon --epsilon-high --force --grad-accum --gradient-checkpointing --grao-lambda --hybrid --importance-sampling --label-smoothing --list-methods --logging-steps --lora-alpha --lora-dropout --lora-r --lora-targets --loss --loss-weights --lr --mask-truncated --max-length --max-new-tokens --max-steps --merge-lora --method --model --no-record-ref --no-ref-cache --num-generations --opt --output --quiet --ref-model --report-to --resume --reward --reward-weights --rubric --sample-every --save-steps --scale-rewards --scorer-batch-size --scorer-device --scorer-max-length --seed --seppo-max-snapshots --seppo-snapshot-every --sft-weight --simpo-gamma --temperature --tokenizer --transform --trust-remote-code --user --verbose --warmup-ratio -m -o -q -v; else _files; fi ;;
     "train-rm") if [[ $cur == -* ]]; then compadd -- --adapt-users --batch-size --center-rewards --config --curriculum --dtype --em-iters --epochs --eval-pairs --eval-split --force --grad-accum --gradient-checkpointing --head-lr --k --list-methods --logging-steps --lora-alpha --lora-dropout --lora-r --lora-targets --lr --margin --max-length --max-steps --merge-lora --method --model --no-curriculum --noise-rate --output --pal-dim --quiet --report-to --resume --save-steps --seed --user-lr --verbose --warmup-ratio -m -o -q -v; else _files; fi ;;
     *) _files ;;
   esac

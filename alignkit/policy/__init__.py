@@ -28,7 +28,7 @@ from ..registry import Entry, Registry
 
 POLICY = Registry("policy method", "--method", modules=(
     "alignkit.policy.trl_methods", "alignkit.policy.pairs", "alignkit.policy.groups",
-    "alignkit.policy.online"))
+    "alignkit.policy.online", "alignkit.policy.seppo"))
 
 __all__ = ["POLICY", "add", "get", "table", "train"]
 
@@ -49,7 +49,9 @@ def get(name: str) -> Entry:
 
 def trainer_of(entry: Entry) -> str:
     """What trains the method, for --list-methods."""
-    return entry.trl or ("online" if entry.online else "alignkit loss (DPOTrainer)")
+    if entry.trl:
+        return entry.trl
+    return entry.info.get("trainer") or ("online" if entry.online else "alignkit loss (DPOTrainer)")
 
 
 def table() -> list[str]:
