@@ -148,14 +148,21 @@ def with_params(**groups):
                                      if v is not None}) if cls is not None else values[arg]
             return fn(**kwargs)
 
-        params = own + extra
-        wrapper.__signature__ = sig.replace(parameters=params)
-        wrapper.__annotations__ = {p.name: p.annotation for p in params
-                                   if p.annotation is not inspect.Parameter.empty}
-        del wrapper.__wrapped__
-        return wrapper
+        return _with_signature(wrapper, sig, own + extra)
 
     return deco
+
+
+def _with_signature(wrapper, sig, params):
+    """Give a functools.wraps wrapper the rewritten parameter list typer reads: its
+    signature and resolved annotations (typer evaluates string annotations in the
+    wrapper's module, not the command's), and no __wrapped__ to see through."""
+    import inspect
+    wrapper.__signature__ = sig.replace(parameters=params)
+    wrapper.__annotations__ = {p.name: p.annotation for p in params
+                               if p.annotation is not inspect.Parameter.empty}
+    del wrapper.__wrapped__
+    return wrapper
 
 
 def train_command(fn=None):
@@ -216,11 +223,7 @@ def with_cli_flags(fn):
     import typing
     hints = typing.get_type_hints(fn)
     params = [p.replace(annotation=hints.get(p.name, p.annotation)) for p in params] + added
-    wrapper.__signature__ = sig.replace(parameters=params)
-    wrapper.__annotations__ = {p.name: p.annotation for p in params
-                               if p.annotation is not inspect.Parameter.empty}
-    del wrapper.__wrapped__
-    return wrapper
+    return _with_signature(wrapper, sig, params)
 
 
 def check_training_output(output: str, opts) -> None:
