@@ -226,7 +226,18 @@ def finish(trainer, run: PolicyRun, work: Path, tok, started: float, hparams: di
                     inputs={"data": run.data.sha256})
         console.info(f"wrote {run.out} ({name}, loss {metrics.get('loss', float('nan')):.4f})")
     acc.wait_for_everyone()
+    end_process_group()
     return Path(run.out)
+
+
+def end_process_group() -> None:
+    """Tear the process group down while every rank is still alive: left to interpreter
+    exit, gloo's threads can abort one rank ("terminate called without an active
+    exception") after the folder is written, and the launcher then reports a failure."""
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def _sha_or_none(spec) -> str | None:
