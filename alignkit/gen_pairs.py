@@ -17,8 +17,8 @@ from typing import Any
 from . import console
 from .errors import DataError, UsageError
 from .generation import (SampleParams, check_same_vocab, pad_id, completion_logps,
-                         encode_prompt, render_prompt, sample, sample_vllm, token_logps,
-                         vllm_available)
+                         encode_prompt, render_prompt, sample, token_logps)
+from .vllm_engine import sample_vllm, vllm_available
 from .records import Text
 from .text import as_completion, completion_text as text_of
 

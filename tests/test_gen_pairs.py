@@ -10,7 +10,8 @@ import pytest
 
 from alignkit.gen_pairs import GenPairsOptions, remove_context
 from alignkit.generation import (SampleParams, _pick, completion_logps, encode_pair, encode_prompt,
-                                 render_prompt, sample, token_logps, vllm_available)
+                                 render_prompt, sample, token_logps)
+from alignkit.vllm_engine import vllm_available
 from alignkit.records import derive_id, validate
 from conftest import write_jsonl
 
