@@ -34,7 +34,7 @@ import hashlib
 import inspect
 from dataclasses import dataclass
 
-from . import console
+from . import console, slots
 from .errors import AlignkitError, UsageError
 from .text import encode_pair, encode_prompt, render_prompt  # noqa: F401  (the sampler's text layer)
 
@@ -344,6 +344,14 @@ def sample(model, tokenizer, prompts: list, params: SampleParams, *, system: str
 
     def run(task):
         with torch.inference_mode(), _eval_mode(model, ref_model):
+            if ref_model is None and slots.supported(model):
+                def done(k, rows):
+                    i = order[k]
+                    results[i] = [_finish_row(tokenizer, r, stops, return_ids) for r in rows]
+                    task.advance(1)
+                seeds = [[row_seed(params.seed, keys[i], j) for j in range(params.n)] for i in order]
+                slots.decode(model, [encoded[i] for i in order], seeds, params, stops, pad, done)
+                return
             for start in range(0, len(order), params.batch_size):
                 idx = order[start:start + params.batch_size]
                 seeds = [row_seed(params.seed, keys[i], j) for i in idx for j in range(params.n)]

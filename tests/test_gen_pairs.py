@@ -209,6 +209,31 @@ def test_sample_deterministic_and_batch_independent(lm):
     assert [x["text"] for x in alone[0]] == [x["text"] for x in a[2]]
 
 
+def test_slot_decoder_matches_the_batch_loop(lm, tiny_model, monkeypatch):
+    """Continuous batching (slots refilled as samples end, compacted at the tail) gives
+    the same tokens and logp as decoding each batch to its end with a shrinking cache."""
+    from alignkit import slots
+    from alignkit.models import load_causal_lm
+    model, tok = load_causal_lm(tiny_model, "float32")
+    assert slots.supported(model)
+    # an extra stop token makes samples end at different steps, so slots are refilled
+    prompts = [p["prompt"] for p in PROMPTS] + ["a much longer prompt " * 4, "hi", "Write"]
+    params = SampleParams(n=3, temperature=1.3, max_new_tokens=12, seed=5, batch_size=2)
+    free = sample(model, tok, prompts, params, return_ids=True)
+    for cand in sorted({t for g in free for x in g for t in x["token_ids"]}):
+        model.generation_config.eos_token_id = [tok.eos_token_id, cand]
+        got = sample(model, tok, prompts, params, return_ids=True)
+        if len({x["n_tokens"] for g in got for x in g}) > 3:
+            break
+    monkeypatch.setenv("ALIGNKIT_SLOTS", "0")
+    assert not slots.supported(model)
+    want = sample(model, tok, prompts, params, return_ids=True)
+    assert len({x["n_tokens"] for g in got for x in g}) > 3  # ends at many steps: refills
+    assert [[x["token_ids"] for x in g] for g in got] == [[x["token_ids"] for x in g] for g in want]
+    assert all(abs(x["logp"] - y["logp"]) < 1e-4 and x["finished"] == y["finished"]
+               for g, h in zip(got, want) for x, y in zip(g, h))
+
+
 def test_sample_restores_training_mode(tiny_model):
     from alignkit.models import load_causal_lm
     model, tok = load_causal_lm(tiny_model, "float32")
