@@ -485,7 +485,7 @@ def test_demo_prompt_files():
     assert not train_prompts & eval_prompts
     assert not {r["id"] for r in train} & {r["id"] for r in evals}
     used = {c["type"] for r in train + evals for c in r["meta"]["checks"]}
-    assert len(used) >= 18
+    assert len(used) >= 16  # every trained type (the held-out families are in other files)
     assert not used & {"exact", "numeric", "regex"}
     assert len({r["meta"]["topic"] for r in train}) >= 40
 
@@ -501,13 +501,36 @@ def _load_generator():
 def test_demo_prompt_files_are_reproducible(tmp_path):
     gen = _load_generator()
     assert gen.main(["--out", str(tmp_path)]) == 0
-    for name in ("train.jsonl", "eval.jsonl"):
+    for name in ("train.jsonl", "eval.jsonl", "eval-types.jsonl", "eval-three.jsonl"):
         assert (tmp_path / name).read_bytes() == (DATA / name).read_bytes(), name
+
+
+def test_held_out_families_never_reach_a_training_prompt():
+    gen = _load_generator()
+    held = gen.HELD_OUT_TYPES
+    assert held == {"all_lowercase", "all_uppercase", "capital_word_frequency", "starts_with",
+                    "ends_with", "valid_json", "two_responses", "repeat_prompt"}
+    assert set(gen.WEIGHTS) == {t for f in gen.FAMILIES.values() for t in f}
+    train, evals = _load(DATA / "train.jsonl"), _load(DATA / "eval.jsonl")
+    for r in train + evals:
+        assert not {c["type"] for c in r["meta"]["checks"]} & held, r["id"]
+    types, three = _load(DATA / "eval-types.jsonl"), _load(DATA / "eval-three.jsonl")
+    for r in types:
+        assert {c["type"] for c in r["meta"]["checks"]} <= held, r["id"]
+    assert {c["type"] for r in types for c in r["meta"]["checks"]} == held
+    assert all(len(r["meta"]["checks"]) == 3 for r in three)
+    assert {c["type"] for r in three for c in r["meta"]["checks"]} & held
+    # other phrasings than the training prompts: no instruction sentence is shared
+    from alignkit.checks import describe_check
+    for r in types + three:
+        assert not any(describe_check(c) in r["prompt"] for c in r["meta"]["checks"]), r["id"]
+        assert r["prompt"] not in {t["prompt"] for t in train}
 
 
 def test_demo_prompts_have_no_conflicting_checks():
     gen = _load_generator()
-    records = _load(DATA / "train.jsonl") + _load(DATA / "eval.jsonl")
+    records = [r for name in ("train", "eval", "eval-types", "eval-three")
+               for r in _load(DATA / f"{name}.jsonl")]
     for r in records:
         types = [c["type"] for c in r["meta"]["checks"]]
         assert gen._compatible_types(types), (r["id"], types)

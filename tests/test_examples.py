@@ -18,9 +18,15 @@ def test_demo_tiny_chain(tmp_path):
                         f"ALIGNKIT={ALIGNKIT}"], capture_output=True, text=True, env=env, timeout=600)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     for name in ("samples.jsonl", "scored.jsonl", "pairs.jsonl", "aligned/alignkit.json",
-                 "base-samples.jsonl", "report/report.md", "metrics.json"):
+                 "base-samples.jsonl", "report/report.md", "metrics.json", "metrics-types.json",
+                 "metrics-three.json", "base-samples-types.jsonl", "summary.md"):
         assert (out / name).exists(), name
-    assert "accuracy difference" in p.stdout
+    # the three numbers, each on its own held-out set, with the KL
+    summary = (out / "summary.md").read_text()
+    for label, n in (("held-out prompts, trained types", 8), ("held-out constraint types", 6),
+                     ("three constraints", 6)):
+        assert f"| {label} | {n} |" in summary, summary
+    assert "KL(aligned || base)" in summary and summary in p.stdout
     # provenance: the report walks back to the prompts and the base model
     import json
     lin = subprocess.run([str(ALIGNKIT), "lineage", str(out / "report"), "--json"],

@@ -15,7 +15,18 @@ Standard library only (plus alignkit.checks, itself stdlib only). Deterministic:
 train set uses random.Random(seed), the eval set random.Random(seed + 100003); no prompt
 text appears twice in or across the files.
 
-    python examples/data/make_prompts.py [--seed 0] [--n-train 700] [--n-eval 250] [--out DIR]
+Generalisation. The check types fall into families (`FAMILIES`); three of them, the
+case, start/end and structure families (`HELD_OUT_FAMILIES`), never appear in a training
+prompt. Besides `eval.jsonl` (held-out prompts of the trained types, phrased like the
+training prompts) the generator writes two sets that measure transfer, both phrased in
+other words and registers (`PARAPHRASES`: reworded instructions, the request put as a
+question or with a context sentence, instructions in the middle of the request):
+
+- `eval-types.jsonl`: every constraint of a held-out type;
+- `eval-three.jsonl`: three constraints of any type, trained and held out.
+
+    python examples/data/make_prompts.py [--seed 0] [--n-train 700] [--n-eval 250]
+                                         [--n-types 120] [--n-three 120] [--out DIR]
 """
 from __future__ import annotations
 
@@ -172,6 +183,22 @@ WEIGHTS: dict[str, int] = {
     "two_responses": 1,
 }
 N_CHECKS_WEIGHTS = {1: 35, 2: 40, 3: 25}
+
+# the check types by family; no training prompt holds a type of a held-out family
+FAMILIES: dict[str, list[str]] = {
+    "length": ["min_words", "max_words", "min_sentences", "max_sentences", "min_paragraphs",
+               "max_paragraphs"],
+    "keywords": ["include_keywords", "exclude_keywords", "keyword_frequency"],
+    "punctuation": ["no_commas"],
+    "markup": ["bullet_count", "numbered_sections", "placeholders", "title", "postscript",
+               "highlighted_sections"],
+    "case": ["all_lowercase", "all_uppercase", "capital_word_frequency"],
+    "start_end": ["starts_with", "ends_with"],
+    "structure": ["valid_json", "two_responses", "repeat_prompt"],
+}
+HELD_OUT_FAMILIES = ("case", "start_end", "structure")
+HELD_OUT_TYPES = {t for f in HELD_OUT_FAMILIES for t in FAMILIES[f]}
+TRAINED_TYPES = set(WEIGHTS) - HELD_OUT_TYPES
 
 START_PHRASES = ["Sure", "Here is", "Of course", "In short", "Well", "Great question",
                  "Let me explain", "Today", "Dear reader", "Once upon a time"]
@@ -330,10 +357,13 @@ def _apply_case(by: dict[str, dict]) -> None:
             by["keyword_frequency"]["keyword"] = fn(by["keyword_frequency"]["keyword"])
 
 
-def sample_checks(rng: random.Random, keywords: list[str], task: str) -> list[dict]:
-    names = list(WEIGHTS)
+def sample_checks(rng: random.Random, keywords: list[str], task: str,
+                  types_from: set[str] | None = None, k: int | None = None) -> list[dict]:
+    """One to three consistent checks (`k` of them if given), of `types_from` only."""
+    names = [t for t in WEIGHTS if types_from is None or t in types_from]
     weights = [WEIGHTS[n] for n in names]
-    k = rng.choices(list(N_CHECKS_WEIGHTS), weights=list(N_CHECKS_WEIGHTS.values()))[0]
+    if k is None:
+        k = rng.choices(list(N_CHECKS_WEIGHTS), weights=list(N_CHECKS_WEIGHTS.values()))[0]
     for _ in range(1000):
         types: list[str] = []
         while len(types) < k:
@@ -350,21 +380,129 @@ def sample_checks(rng: random.Random, keywords: list[str], task: str) -> list[di
     raise RuntimeError("could not draw consistent checks")  # pragma: no cover
 
 
-def make_record(rng: random.Random) -> tuple[str, dict]:
+def make_record(rng: random.Random, types_from: set[str] | None = TRAINED_TYPES,
+                k: int | None = None, paraphrase: bool = False) -> tuple[str, dict]:
     topic = rng.choice(sorted(TOPICS))
     phrase, kind, kws = rng.choice(TOPICS[topic])
     forms = THING_FORMS + ACT_FORMS if kind == "act" else THING_FORMS
     form = rng.choice(forms)
     task = form.format(p=phrase)
-    checks = sample_checks(rng, kws.split(), task)
-    prompt = task + ". " + " ".join(describe_check(c) for c in checks)
-    return prompt, {"checks": checks, "topic": topic, "task": form.replace("{p}", "...")}
+    checks = sample_checks(rng, kws.split(), task, types_from, k)
+    if paraphrase:
+        prompt = compose(rng, task, [paraphrase_check(rng, c) for c in checks])
+    else:
+        prompt = task + ". " + " ".join(describe_check(c) for c in checks)
+    return prompt, {"checks": checks, "topic": topic, "task": form.replace("{p}", "..."),
+                    "families": sorted({family_of(c["type"]) for c in checks})}
 
 
-def make_split(rng: random.Random, prefix: str, n: int, seen: set[str]) -> list[dict]:
+def family_of(check_type: str) -> str:
+    return next(f for f, types in FAMILIES.items() if check_type in types)
+
+
+# --- other phrasings: the transfer sets ---------------------------------------------------
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
+def _quoted(words: list[str], joiner: str) -> str:
+    q = [f'"{w}"' for w in words]
+    return q[0] if len(q) == 1 else ", ".join(q[:-1]) + f" {joiner} " + q[-1]
+
+
+# check type -> instruction templates in other words than `describe_check`
+PARAPHRASES = {
+    "include_keywords": [lambda c: f"Make sure {_quoted(c['keywords'], 'and')} show up somewhere in it.",
+                         lambda c: f"Your reply needs to mention {_quoted(c['keywords'], 'and')}."],
+    "max_words": [lambda c: f"Keep it to {c['n']} words or fewer.",
+                  lambda c: f"No more than {c['n']} words, please."],
+    "min_words": [lambda c: f"It should run to {c['n']} words or more.",
+                  lambda c: f"Please write no fewer than {c['n']} words."],
+    "min_sentences": [lambda c: f"Use {c['n']} or more sentences.",
+                      lambda c: f"I need a minimum of {c['n']} sentences."],
+    "max_sentences": [lambda c: f"Keep it to {_plural(c['n'], 'sentence')} at most.",
+                      lambda c: f"Don't go past {_plural(c['n'], 'sentence')}."],
+    "min_paragraphs": [lambda c: f"Split it into {c['n']} or more paragraphs with a blank line "
+                                 "between them."],
+    "max_paragraphs": [lambda c: f"Don't go beyond {_plural(c['n'], 'paragraph')} (paragraphs are "
+                                 "separated by blank lines)."],
+    "exclude_keywords": [lambda c: f"Steer clear of the word {_quoted(c['keywords'], 'and')} "
+                                   "entirely.",
+                         lambda c: f"Never write {_quoted(c['keywords'], 'or')}."],
+    "keyword_frequency": [lambda c: (f'The word "{c["keyword"]}" should come up {c["n"]} or more '
+                                     "times." if c["relation"] == "at least" else
+                                     f'Say "{c["keyword"]}" exactly {_plural(c["n"], "time")}, '
+                                     "no more and no less.")],
+    "all_lowercase": [lambda c: "Please don't use any capital letters at all: everything in "
+                                "lowercase.",
+                      lambda c: "Type the whole reply in lower case only."],
+    "all_uppercase": [lambda c: "Please write everything in CAPITAL LETTERS, with no lowercase "
+                                "letters at all.",
+                      lambda c: "The whole reply must be in upper case."],
+    "capital_word_frequency": [lambda c: (f"Put {_plural(c['n'], 'word')} or more in ALL CAPS for "
+                                          "emphasis." if c["relation"] == "at least" else
+                                          f"Use no more than {_plural(c['n'], 'word')} written "
+                                          "fully in capitals.")],
+    "no_commas": [lambda c: "Avoid commas completely.",
+                  lambda c: "Don't put a single comma in your reply."],
+    "starts_with": [lambda c: f'Open with the words "{c["phrase"]}".',
+                    lambda c: f'The very first words of your reply must be "{c["phrase"]}".'],
+    "ends_with": [lambda c: f'Finish with exactly "{c["phrase"]}" and nothing after it.',
+                  lambda c: f'Make "{c["phrase"]}" the final words of your reply.'],
+    "valid_json": [lambda c: "Reply with a JSON object only" +
+                   (f" (keys: {_quoted(c['keys'], 'and')})" if c.get("keys") else "") +
+                   ", and no text outside it."],
+    "bullet_count": [lambda c: f'Include exactly {c["n"]} markdown bullets (lines that start with '
+                               '"* ").'],
+    "numbered_sections": [lambda c: f'Organise it into {c["n"]} or more parts, each headed '
+                                    f'"{c["splitter"]} 1", "{c["splitter"]} 2" and so on.'],
+    "placeholders": [lambda c: f"Leave {_plural(c['n'], 'placeholder')} or more in square brackets, "
+                               "like [name]."],
+    "title": [lambda c: "Put a title in double angle brackets at the top, like <<A Title>>."],
+    "postscript": [lambda c: f'Close with a postscript that begins with "{c["marker"]}".'],
+    "highlighted_sections": [lambda c: f"Emphasise {_plural(c['n'], 'phrase')} or more with single "
+                                       "asterisks, like *this*."],
+    "repeat_prompt": [lambda c: f'Before you answer, copy this request word for word: '
+                                f'"{c["prompt"]}"'],
+    "two_responses": [lambda c: "Write two different answers with a line of six asterisks "
+                                "(******) between them and nothing else."],
+}
+CONTEXTS = ["I'm putting together notes for a community class.",
+            "This is for a newsletter my neighbours read.",
+            "My younger cousin asked me about this yesterday.",
+            "I want to share this with my book club.",
+            "We are making a poster for the school hallway."]
+ASIDES = ["Keep the tone friendly.", "Plain words are best.", "Assume no background knowledge.",
+          "A warm tone works best."]
+
+
+def paraphrase_check(rng: random.Random, check: dict) -> str:
+    return rng.choice(PARAPHRASES[check["type"]])(check)
+
+
+def compose(rng: random.Random, task: str, instructions: list[str]) -> str:
+    """A request in another register: as a question, after a context sentence, or with
+    the instructions split around an aside."""
+    style = rng.randrange(3)
+    if style == 0:
+        head = f"Could you {task[0].lower() + task[1:]}?"
+    elif style == 1:
+        head = f"{rng.choice(CONTEXTS)} {task}."
+    else:
+        head = f"{task}, please."
+    if len(instructions) > 1 and rng.random() < 0.6:
+        cut = rng.randint(1, len(instructions) - 1)
+        parts = instructions[:cut] + [rng.choice(ASIDES)] + instructions[cut:]
+    else:
+        parts = instructions + ([rng.choice(ASIDES)] if rng.random() < 0.5 else [])
+    return " ".join([head] + parts)
+
+
+def make_split(rng: random.Random, prefix: str, n: int, seen: set[str], **how) -> list[dict]:
     records = []
     while len(records) < n:
-        prompt, meta = make_record(rng)
+        prompt, meta = make_record(rng, **how)
         if prompt in seen:
             continue
         seen.add(prompt)
@@ -386,16 +524,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--n-train", type=int, default=700)
     ap.add_argument("--n-eval", type=int, default=250)
+    ap.add_argument("--n-types", type=int, default=120)
+    ap.add_argument("--n-three", type=int, default=120)
     ap.add_argument("--out", type=Path, default=HERE, help="output folder")
     args = ap.parse_args(argv)
     seen: set[str] = set()
     train = make_split(random.Random(args.seed), "train", args.n_train, seen)
     evals = make_split(random.Random(args.seed + 100003), "eval", args.n_eval, seen)
+    types = make_split(random.Random(args.seed + 200003), "types", args.n_types, seen,
+                       types_from=HELD_OUT_TYPES, paraphrase=True)
+    three = make_split(random.Random(args.seed + 300007), "three", args.n_three, seen,
+                       types_from=None, k=3, paraphrase=True)
     args.out.mkdir(parents=True, exist_ok=True)
-    write_jsonl(args.out / "train.jsonl", train)
-    write_jsonl(args.out / "eval.jsonl", evals)
-    print(f"wrote {len(train)} train and {len(evals)} eval prompts to {args.out}",
-          file=sys.stderr)
+    for name, recs in (("train", train), ("eval", evals), ("eval-types", types),
+                       ("eval-three", three)):
+        write_jsonl(args.out / f"{name}.jsonl", recs)
+    print(f"wrote {len(train)} train, {len(evals)} eval, {len(types)} held-out-type and "
+          f"{len(three)} three-constraint prompts to {args.out}", file=sys.stderr)
     return 0
 
 
