@@ -10,7 +10,10 @@ Layout of a run writing `OUT`:
 
 Trainers are Hugging Face / TRL `Trainer`s; `run_trainer` adds the callbacks and the
 signal handling, `save_output` writes the folder. The same code runs under
-`accelerate launch` (only the main process writes).
+`accelerate launch` (DDP, FSDP, DeepSpeed): `save_trained` gathers the weights where
+they are sharded over the processes (FSDP, ZeRO-3: `full_state_dict`, a collective
+every rank calls) and only the main process writes; a stop (Ctrl-C, SIGTERM) that
+reaches any rank stops every rank at the same step (`_agree`).
 
 Every output folder loads in plain transformers/peft from any directory: an adapter's
 `adapter_config.json` names its base by the absolute path of a plain transformers folder
@@ -193,7 +196,22 @@ def lora_config(opts: TrainOptions, task_type: str = "CAUSAL_LM"):
                       target_modules=targets, task_type=task_type)
 
 
-def _callbacks(work: Path, total_steps_hint: int | None = None):
+def _agree(trainer):
+    """A function flag -> flag, true on every rank when it is true on any: a signal can
+    reach the ranks of a distributed run at different steps, and a rank that stops alone
+    leaves the others waiting in the next step's collectives. One process: the identity."""
+    acc = getattr(trainer, "accelerator", None)
+    if acc is None or acc.num_processes == 1:
+        return lambda flag: flag
+
+    def agree(flag: bool) -> bool:
+        import torch
+        t = torch.tensor([1.0 if flag else 0.0], device=acc.device)
+        return bool(acc.reduce(t, reduction="sum").item() > 0)
+    return agree
+
+
+def _callbacks(work: Path, total_steps_hint: int | None = None, agree=lambda flag: flag):
     from transformers import TrainerCallback
 
     class Metrics(TrainerCallback):
@@ -212,6 +230,7 @@ def _callbacks(work: Path, total_steps_hint: int | None = None):
         def on_step_end(self, args, state, control, **kw):
             if self._task is not None:
                 self._task.advance()
+            _STOP["flag"] = agree(_STOP["flag"])
             if _STOP["flag"]:
                 control.should_save = True
                 control.should_training_stop = True
@@ -240,7 +259,7 @@ _STOP = {"flag": False}
 def run_trainer(trainer, work: Path, resume: bool) -> None:
     """Train with metrics/progress callbacks; on SIGINT/SIGTERM save a checkpoint in
     the work folder and raise KeyboardInterrupt (the CLI exits 130)."""
-    for cb in _callbacks(work):
+    for cb in _callbacks(work, agree=_agree(trainer)):
         trainer.add_callback(cb)
     # Our callback reports progress; drop the default printer/progress callbacks.
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
@@ -270,10 +289,18 @@ def run_trainer(trainer, work: Path, resume: bool) -> None:
         for s, h in old.items():
             signal.signal(s, h)
     if _STOP["flag"]:
-        if last_checkpoint(work) is None or trainer.state.global_step > int(
-                last_checkpoint(work).rsplit("-", 1)[-1]):
+        # Distributed: every rank has written its part of the checkpoint before any looks
+        # at it, all ranks decide alike whether to save one more (a collective under FSDP
+        # and ZeRO-3), and none exits before the others are done (the launcher would kill
+        # a rank still writing). One process: no waits, the same decision as ever.
+        barrier()
+        last = last_checkpoint(work)
+        if _agree(trainer)(last is None
+                           or trainer.state.global_step > int(last.rsplit("-", 1)[-1])):
             trainer._save_checkpoint(trainer.model, trial=None)
-        console.info(f"checkpoint saved in {work}; rerun with --resume to continue")
+        barrier()
+        if is_main_process():
+            console.info(f"checkpoint saved in {work}; rerun with --resume to continue")
         raise KeyboardInterrupt
 
 
@@ -287,27 +314,179 @@ def final_metrics(trainer) -> dict:
     return out
 
 
+def is_sharded(trainer) -> bool:
+    """True when no single process holds the trained weights: FSDP (1 or 2), DeepSpeed
+    ZeRO-3. (One process, DDP and ZeRO-1/2 keep a full copy on every rank.)"""
+    acc = getattr(trainer, "accelerator", None)
+    if acc is None:
+        return False
+    from accelerate.utils import DistributedType
+    if acc.distributed_type == DistributedType.FSDP:
+        return True
+    if acc.distributed_type == DistributedType.DEEPSPEED:
+        plugin = getattr(acc.state, "deepspeed_plugin", None)
+        return plugin is not None and plugin.zero_stage == 3
+    return False
+
+
+def full_state_dict(trainer) -> dict | None:
+    """The trained model's full weights where they are sharded (`is_sharded`), gathered as
+    accelerate and TRL's `Trainer.save_model` do (`accelerator.get_state_dict`: FSDP's
+    full state dict on the CPU, ZeRO-3's 16-bit consolidation): a collective, so every
+    rank calls it; the main process gets the tensors, the others an empty dict. None when
+    the model is not sharded: the model then saves its own weights, as in one process."""
+    if not is_sharded(trainer):
+        return None
+    from accelerate.utils import DistributedType
+    acc = trainer.accelerator
+    model = trainer.model
+    if acc.distributed_type == DistributedType.DEEPSPEED:
+        model = getattr(trainer, "deepspeed", None) or trainer.model_wrapped  # the engine
+    try:
+        state = acc.get_state_dict(model)
+    except ValueError as e:  # ZeRO-3 without stage3_gather_16bit_weights_on_model_save
+        raise AlignkitError(f"cannot gather the trained weights to save them: {e} (in an "
+                            "accelerate config: `zero3_save_16bit_model: true`, see "
+                            "examples/accelerate/deepspeed_zero3.yaml)") from None
+    return (state or {}) if acc.is_main_process else {}
+
+
+def save_trained(trainer, tokenizer, out: str | Path, work: Path, **kw) -> Path:
+    """`save_output` (keyword arguments `kw`) for the model a Trainer trained, under any
+    launch: the weights are gathered on every rank where they are sharded
+    (`full_state_dict`), the main process writes the folder, every rank waits for it,
+    then the process group is ended. In one process: `save_output(trainer.model, ...)`."""
+    acc = trainer.accelerator
+    state = full_state_dict(trainer)
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        save_output(acc.unwrap_model(trainer.model), tokenizer, out, work, state_dict=state,
+                    **kw)
+    acc.wait_for_everyone()
+    end_process_group()
+    return Path(out)
+
+
+def sharded_launch() -> bool:
+    """True when `accelerate launch` asked for weights sharded over the processes (FSDP,
+    DeepSpeed ZeRO-3), read from the environment it sets, so before any work."""
+    import os
+    env = os.environ
+    if env.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        return True
+    if env.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true":
+        return False
+    stage = env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE")
+    ds_file = env.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "none")
+    if ds_file != "none":
+        try:
+            stage = json.loads(Path(ds_file).read_text()).get("zero_optimization", {}).get("stage")
+        except (OSError, ValueError, AttributeError):
+            pass
+    return str(stage) == "3"
+
+
+def refuse_sharded(what: str) -> None:
+    """A UsageError, before any work, for a method whose models are used outside its
+    Trainer (several models, custom layouts) and so cannot be sharded over processes."""
+    if sharded_launch():
+        raise UsageError(f"{what} cannot run with its weights sharded over processes (FSDP, "
+                         "DeepSpeed ZeRO-3): launch it with DDP (examples/accelerate/ddp.yaml) "
+                         "or ZeRO-2")
+
+
+def barrier() -> None:
+    """Wait for every rank of a distributed run (nothing in one process)."""
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def end_process_group() -> None:
+    """Tear the process group down while every rank is still alive: left to interpreter
+    exit, gloo's threads can abort one rank ("terminate called without an active
+    exception") after the folder is written, and the launcher then reports a failure."""
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def save_output(model, tokenizer, out: str | Path, work: Path, *, force: bool,
                 merge_lora: bool = False, info: dict | None = None,
                 started: float | None = None, seed: int | None = None,
-                inputs: dict | None = None) -> Path:
+                inputs: dict | None = None, state_dict: dict | None = None) -> Path:
     """Write the final model folder atomically (merged or adapter), with metrics.jsonl,
     alignkit.json (its `base`: {spec, path, sha256}), README.md (the model card) and the
     tracker logs, then remove the work folder. An adapter's base is recorded as the
-    absolute path of a plain transformers folder (`base_record`)."""
+    absolute path of a plain transformers folder (`base_record`).
+
+    `state_dict`: the full weights gathered from a sharded model (`full_state_dict`; the
+    model object itself then holds only this process's shards): they are what is written,
+    and `merge_lora` merges the adapter written from them into its base, loaded again."""
     out = Path(out)
     if merge_lora and hasattr(model, "merge_and_unload"):
-        model = model.merge_and_unload()
+        if state_dict is None:
+            model = model.merge_and_unload()
+        else:
+            model = _merged_from_state(model, state_dict, work)
+            state_dict = None
     info = dict(info or {})
     info["base"] = base_record(model, info.get("base"), work)
     with atomic_dir(out, force=force) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
+        if state_dict is None:
+            model.save_pretrained(tmp, safe_serialization=True)
+        else:
+            model.save_pretrained(tmp, state_dict=_retied(model, state_dict),
+                                  safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         data = manifest(inputs=inputs, seed=seed, started=started, **info)
         finish_folder(tmp, work, data, final=out)
     shutil.rmtree(work, ignore_errors=True)
     return out
+
+
+def _retied(model, state_dict: dict) -> dict:
+    """The gathered copies of tied weights (lm_head and embed_tokens) made one tensor
+    again, as they are in the model's own state dict, so that `save_pretrained` keeps
+    one of them as it does for an unsharded model."""
+    names: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(name)
+    state_dict = dict(state_dict)
+    for group in names.values():
+        present = [n for n in group if n in state_dict]
+        for n in present[1:]:
+            if state_dict[n].shape == state_dict[present[0]].shape:
+                state_dict[n] = state_dict[present[0]]
+    return state_dict
+
+
+def _merged_from_state(model, state_dict: dict, work: Path):
+    """A sharded PEFT model's merged weights: its adapter, written from the gathered
+    `state_dict` into the work folder, loaded over its base (as any adapter folder is)
+    and merged there, on this process alone."""
+    from .models import load_causal_lm, load_seq_cls
+    cfg = next(iter(model.peft_config.values()))
+    task = str(getattr(cfg.task_type, "value", cfg.task_type) or "CAUSAL_LM")
+    base_record(model, None, work)  # point the adapter at a plain transformers folder
+    folder = work / "adapter-to-merge"
+    shutil.rmtree(folder, ignore_errors=True)
+    model.save_pretrained(folder, state_dict=state_dict, safe_serialization=True)
+    loader = load_seq_cls if task == "SEQ_CLS" else load_causal_lm
+    merged, _ = loader(folder, _dtype_name(model))
+    merged = merged.merge_and_unload()
+    shutil.rmtree(folder, ignore_errors=True)
+    # the trained base's name and config (use_cache, pad token, ... as training left
+    # them), as `merge_and_unload` of the model itself would have
+    import copy
+    trained = model.get_base_model()
+    merged.name_or_path = trained.name_or_path
+    merged.config = copy.deepcopy(trained.config)
+    if getattr(trained, "generation_config", None) is not None:
+        merged.generation_config = copy.deepcopy(trained.generation_config)
+    return merged
 
 
 def finish_folder(tmp: Path, work: Path, data: dict, final: Path | None = None) -> None:

@@ -101,7 +101,7 @@ def train(data_path: str, out: str, opts, cfg: DistillConfig) -> dict:
             m.default_lr * (10 if opts.lora_r > 0 else 1)
 
     from ..models import load_tokenizer
-    from ..training import final_metrics, prepare_run, run_trainer, save_output, trainer_kwargs
+    from ..training import final_metrics, prepare_run, run_trainer, save_trained, trainer_kwargs
     roles = [("teacher", cfg.teacher)] + \
         ([("teacher-ref", cfg.teacher_ref)] if cfg.teacher_ref else []) + \
         ([("student", cfg.student)] if cfg.student else [])
@@ -146,8 +146,8 @@ def train(data_path: str, out: str, opts, cfg: DistillConfig) -> dict:
             "metrics": {"heldout": heldout, "train": final_metrics(trainer)},
             "counts": {"records": len(data.records), "train_rows": len(train_rows),
                        "heldout_rows": len(eval_rows)}}
-    save_output(trainer.model, tok, out, work, force=opts.force, merge_lora=opts.merge_lora,
-                info=info, started=started, seed=opts.seed, inputs=_inputs(cfg, data))
+    save_trained(trainer, tok, out, work, force=opts.force, merge_lora=opts.merge_lora,
+                 info=info, started=started, seed=opts.seed, inputs=_inputs(cfg, data))
     return heldout
 
 

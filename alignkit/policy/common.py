@@ -17,7 +17,8 @@ from typing import Any
 from .. import console
 from ..errors import UsageError
 from ..registry import Entry
-from ..training import TrainOptions, final_metrics, run_trainer, save_output, trainer_kwargs
+from ..training import (TrainOptions, end_process_group, final_metrics, full_state_dict,
+                        run_trainer, save_output, trainer_kwargs)
 from .data import Data
 
 __all__ = ["PolicyRun", "quiet", "import_attr", "method_beta", "check_offline",
@@ -206,11 +207,13 @@ def hparams(run: PolicyRun, beta: float | None, **extra) -> dict:
 
 def finish(trainer, run: PolicyRun, work: Path, tok, started: float, hparams: dict,
            reference: dict | None, counts: dict) -> Path:
-    """Train, then write the folder (main process only) with alignkit.json."""
+    """Train, then write the folder (main process only) with alignkit.json. Weights
+    sharded over the processes (FSDP, ZeRO-3) are gathered first, on every rank."""
     opts, name = run.opts, run.method.name
     run_trainer(trainer, work, opts.resume)
     metrics = final_metrics(trainer)
     acc = trainer.accelerator
+    state = full_state_dict(trainer)  # None unless sharded
     acc.wait_for_everyone()
     if acc.is_main_process:
         model = acc.unwrap_model(trainer.model)
@@ -223,21 +226,11 @@ def finish(trainer, run: PolicyRun, work: Path, tok, started: float, hparams: di
                 "processes": acc.num_processes}
         save_output(model, tok, run.out, work, force=opts.force, merge_lora=opts.merge_lora,
                     info=info, started=started, seed=opts.seed,
-                    inputs={"data": run.data.sha256})
+                    inputs={"data": run.data.sha256}, state_dict=state)
         console.info(f"wrote {run.out} ({name}, loss {metrics.get('loss', float('nan')):.4f})")
     acc.wait_for_everyone()
     end_process_group()
     return Path(run.out)
-
-
-def end_process_group() -> None:
-    """Tear the process group down while every rank is still alive: left to interpreter
-    exit, gloo's threads can abort one rank ("terminate called without an active
-    exception") after the folder is written, and the launcher then reports a failure."""
-    import torch.distributed as dist
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
 
 
 def _sha_or_none(spec) -> str | None:

@@ -30,7 +30,7 @@ def train(pairs: str, model_spec: str, out: str | Path, opts, cfg: RMConfig) -> 
     from trl import RewardTrainer
 
     from ..models import load_seq_cls, resolve
-    from ..training import lora_config, prepare_run, run_trainer, save_output
+    from ..training import lora_config, prepare_run, run_trainer, save_trained
 
     started = now()
     data, train_recs, eval_recs, inputs = train_eval_sets(pairs, cfg, opts.seed)
@@ -46,16 +46,17 @@ def train(pairs: str, model_spec: str, out: str | Path, opts, cfg: RMConfig) -> 
         trainer.model.peft_config["default"].base_model_name_or_path = (
             model_spec if not Path(model_spec).is_dir() else str(resolve(model_spec)))
     run_trainer(trainer, work, opts.resume)
-    model = trainer.model
+    model = trainer.model  # every rank scores (a sharded model's forward is collective)
     metrics = evaluate(lambda p, c, u: seq_cls_rewards(model, tok, p, c,
                                                        max_length=opts.max_length), eval_recs)
-    report(metrics)
+    if trainer.accelerator.is_main_process:
+        report(metrics)
     info = {METHOD_KEY: cfg.method, "backbone": model_spec, "margin_used": margin,
             "rm_options": cfg.as_dict(),
             "train_options": opts.as_dict(),
             "metrics": {"heldout": metrics, "train": train_metrics(trainer)},
             "counts": {"pairs": len(data.records), "train": len(rows),
                        "heldout": len(eval_recs)}}
-    save_output(model, tok, out, work, force=opts.force, merge_lora=opts.merge_lora, info=info,
-                started=started, seed=opts.seed, inputs=inputs)
+    save_trained(trainer, tok, out, work, force=opts.force, merge_lora=opts.merge_lora,
+                 info=info, started=started, seed=opts.seed, inputs=inputs)
     return {"heldout": metrics}

@@ -341,14 +341,18 @@ def train_metrics(trainer) -> dict:
 def write_folder(out: str | Path, work: Path, *, force: bool, write: Callable[[Path], None],
                  info: dict, started: float, seed: int, inputs: dict) -> Path:
     """The output folder of a non-bt method, atomically (as training.save_output does
-    for one model): `write(tmp)` fills it, then metrics.jsonl and alignkit.json."""
+    for one model): `write(tmp)` fills it, then metrics.jsonl and alignkit.json. Under
+    a distributed launch only the main process writes, and every rank waits for it."""
     out = Path(out)
-    from ..training import finish_folder
-    with atomic_dir(out, force=force) as tmp:
-        write(tmp)
-        finish_folder(tmp, work, manifest(inputs=inputs, seed=seed, started=started, **info),
-                      final=out)
-    shutil.rmtree(work, ignore_errors=True)
+    from ..training import barrier, finish_folder, is_main_process
+    barrier()
+    if is_main_process():
+        with atomic_dir(out, force=force) as tmp:
+            write(tmp)
+            finish_folder(tmp, work, manifest(inputs=inputs, seed=seed, started=started,
+                                              **info), final=out)
+        shutil.rmtree(work, ignore_errors=True)
+    barrier()
     return out
 
 

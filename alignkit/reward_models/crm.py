@@ -170,8 +170,9 @@ def train(pairs: str, model_spec: str, out: str | Path, opts, cfg: RMConfig) -> 
     from trl.trainer.utils import disable_dropout_in_model
 
     from ..models import load_seq_cls
-    from ..training import lora_config, prepare_run, run_trainer
+    from ..training import lora_config, prepare_run, refuse_sharded, run_trainer
 
+    refuse_sharded("train-rm --method crm")  # two peers, scored outside the Trainer
     started = now()
     data, train_recs, eval_recs, inputs = train_eval_sets(pairs, cfg, opts.seed)
     work = prepare_run(out, opts)

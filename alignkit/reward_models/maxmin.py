@@ -81,6 +81,9 @@ class _State:
         return json.loads(self.path.read_text()) if self.path.exists() else None
 
     def save(self, state: dict) -> None:
+        from ..training import is_main_process
+        if not is_main_process():  # one writer under a distributed launch
+            return
         self.dir.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text(json.dumps(state, indent=1))
@@ -95,8 +98,9 @@ def train(pairs: str, model_spec: str, out: str | Path, opts, cfg: RMConfig) -> 
     from trl import RewardTrainer
 
     from ..models import load_seq_cls
-    from ..training import lora_config, prepare_run, run_trainer
+    from ..training import is_main_process, lora_config, prepare_run, refuse_sharded, run_trainer
 
+    refuse_sharded("train-rm --method maxmin")  # K models, scored between M-steps
     started = now()
     data, train_recs, eval_recs, inputs = train_eval_sets(pairs, cfg, opts.seed,
                                                           need_user=NAME)
@@ -132,7 +136,8 @@ def train(pairs: str, model_spec: str, out: str | Path, opts, cfg: RMConfig) -> 
                 console.info(f"EM round {it}: training model {k} on {len(mine)} pair(s) of "
                              f"{sum(v == k for v in state['assign'].values())} user(s)")
                 sub = work / f"em{it}-model{k}"
-                sub.mkdir(parents=True, exist_ok=True)
+                if is_main_process():  # (another rank making it could race prepare_run)
+                    sub.mkdir(parents=True, exist_ok=True)
                 seed_everything(opts.seed + 1000 * it + k)
                 # LoRA: a fresh adapter per M-step, merged after it, so every M-step
                 # starts from the weights saved in OUT.partial/em/ (what --resume loads).
@@ -198,7 +203,10 @@ def _sizes(assign: dict[str, int], k: int) -> list[int]:
 
 def _write_metrics(work: Path, history: list[dict], k: int) -> None:
     """metrics.jsonl: each M-step's trainer lines tagged (em_iter, model), then the
-    E-step line of that round."""
+    E-step line of that round (the main process writes it)."""
+    from ..training import is_main_process
+    if not is_main_process():
+        return
     with open(work / "metrics.jsonl", "w", encoding="utf-8") as f:
         for h in history:
             it = h["em_iter"]
@@ -213,12 +221,16 @@ def _write_metrics(work: Path, history: list[dict], k: int) -> None:
 
 
 def _save_model(model, tok, folder: Path) -> None:
-    """Weights after an M-step: written beside, then swapped in."""
-    tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_seq_cls(model, tok, tmp)
-    shutil.rmtree(folder, ignore_errors=True)
-    tmp.rename(folder)
+    """Weights after an M-step: written beside, then swapped in (by the main process;
+    every rank holds the same weights and waits for it)."""
+    from ..training import barrier, is_main_process
+    if is_main_process():
+        tmp = folder.with_name(folder.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        save_seq_cls(model, tok, tmp)
+        shutil.rmtree(folder, ignore_errors=True)
+        tmp.rename(folder)
+    barrier()
 
 
 def load_folder(folder: str | Path, *, user: str | None = None, aggregate: str | None = None,

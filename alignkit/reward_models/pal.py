@@ -189,6 +189,8 @@ def _load_backbone(spec, dtype: str):
 
 def train(pairs: str, model_spec: str, out: str | Path, opts, cfg: RMConfig) -> dict:
     """Train a PAL-B model (or, with cfg.adapt_users, fit new users' weights)."""
+    from ..training import refuse_sharded
+    refuse_sharded("train-rm --method pal")  # its own layout, saved part by part
     if cfg.adapt_users:
         return adapt_users(pairs, model_spec, out, opts, cfg)
     from ..training import lora_config, prepare_run
