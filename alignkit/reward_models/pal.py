@@ -145,7 +145,8 @@ def make_trainer(model, args, rows, pad_id: int, cfg: RMConfig):
             rc, rr = model(**inputs)
             loss = bt_losses(rc, rr).mean()
             self.note(**pair_stats(rc.detach(), rr.detach()),
-                      kappa=model.logit_scale.exp().clamp(max=100.0).item())
+                      kappa=self.accelerator.unwrap_model(model).logit_scale.exp()
+                      .clamp(max=100.0).item())
             return (loss, {"chosen": rc, "rejected": rr}) if return_outputs else loss
 
         def create_optimizer(self, model=None):
