@@ -132,6 +132,15 @@ def _eval_mode(*models):
             m.train(w)
 
 
+def _no_grad(model):
+    """`torch.inference_mode()`, or `torch.no_grad()` for a model sharded by FSDP2: its
+    parameters are gathered during the forward, and gathered under inference mode they
+    cannot be updated by the training step that follows."""
+    import torch
+    sharded = any(type(p).__name__ == "DTensor" for p in model.parameters())
+    return torch.no_grad() if sharded else torch.inference_mode()
+
+
 def _left_pad(seqs: list[list[int]], pad_id: int, device):
     import torch
     width = max(len(s) for s in seqs)
@@ -327,7 +336,6 @@ def sample(model, tokenizer, prompts: list, params: SampleParams, *, system: str
     The global torch RNG is not used. `progress`: an open `console.progress` task to
     advance instead of opening a bar named `progress_desc`.
     """
-    import torch
     params.check()
     if ref_model is not None:
         if not 0.0 <= alpha <= 1.0:
@@ -343,7 +351,7 @@ def sample(model, tokenizer, prompts: list, params: SampleParams, *, system: str
     results: list[list[dict] | None] = [None] * len(prompts)
 
     def run(task):
-        with torch.inference_mode(), _eval_mode(model, ref_model):
+        with _no_grad(model), _eval_mode(model, ref_model):
             if ref_model is None and slots.supported(model):
                 def done(k, rows):
                     i = order[k]
@@ -394,7 +402,7 @@ def token_logps(model, pairs: list[tuple[list[int], list[int]]], *, batch_size: 
     device = _device(model)
     out: list[list[float] | None] = [None] * len(pairs)
     order = sorted(range(len(pairs)), key=lambda i: len(pairs[i][0]) + len(pairs[i][1]))
-    with torch.inference_mode(), _eval_mode(model):
+    with _no_grad(model), _eval_mode(model):
         for start in range(0, len(order), batch_size):
             idx = order[start:start + batch_size]
             k_max = max(len(pairs[i][1]) for i in idx)

@@ -259,3 +259,23 @@ def test_ddp_two_processes_match_one_process_at_the_same_global_batch(scale, ddp
     # FSDP2 (reduce-scatter of the same gradients) against DDP: seen 1.2e-7
     assert _max_diff(_weights(fsdp_run[0]), ddp) <= 1e-5
     assert json.loads((ddp_run / "alignkit.json").read_text())["processes"] == 2
+
+
+def test_fsdp2_online_grpo_samples_from_the_sharded_policy(tmp_path, tiny_model):
+    """Online methods sample from the FSDP2-sharded policy (gathered under no_grad, not
+    inference mode, so the training step can update the parameters afterwards)."""
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"id": f"q{i}", "prompt": p} for i, p in
+                                                  enumerate(["hello", "Write", "Say", "Name"])])
+    out = tmp_path / "grpo"
+    cmd = [ACCELERATE, "launch", "--config_file", str(CONFIGS / "fsdp2_cpu.yaml"),
+           "--num_processes", "2", "--main_process_port", str(_free_port()),
+           str(CONFIGS / "fsdp_cpu_launch.py"), "train-policy", "--method", "grpo",
+           "--model", str(tiny_model), str(prompts), "-o", str(out), "--reward", "length:8:4",
+           "--max-new-tokens", "8", "--num-generations", "4", "--batch-size", "4",
+           "--max-steps", "2", "--lr", "1e-2"]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "rank 1 holds (256, 64)" in p.stderr
+    trained, base = _weights(out), _weights(tiny_model)
+    assert set(trained) == set(base) and _max_diff(trained, base) > 1e-4
