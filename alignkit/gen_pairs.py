@@ -18,7 +18,7 @@ from . import console
 from .errors import DataError, UsageError
 from .generation import (SampleParams, check_same_vocab, pad_id, completion_logps,
                          encode_prompt, render_prompt, sample, token_logps)
-from .vllm_engine import sample_vllm, vllm_available
+from .vllm_engine import INSTALL_HINT, vllm_available
 from .records import Text
 from .text import as_completion, completion_text as text_of
 
@@ -88,8 +88,7 @@ class GenPairsOptions:
                 raise UsageError("--engine vllm supports plain sampling only; pairing modes "
                                  "(--pair-with-reference, --mixture, --contrast-prompt) need --engine hf")
             if not vllm_available():
-                raise UsageError("--engine vllm needs vLLM, which is not installed: "
-                                 "pip install 'alignkit[vllm]' (or use --engine hf)")
+                raise UsageError(INSTALL_HINT)
         if self.dtype not in _DTYPES:
             raise UsageError(f"--dtype must be one of {', '.join(_DTYPES)}, got {self.dtype!r}")
         if self.system and self.raw:
@@ -272,10 +271,13 @@ class _Pipeline:
         self.opts = opts
         spec = opts.sampler_spec
         self.spec, self.sha = spec, model_sha256(spec)
-        self.ref = None
+        self.ref = self.engine = None
         device = _auto_device()
         if opts.engine == "vllm":
+            from .vllm_engine import VllmEngine
             self.model, self.tok = None, load_tokenizer(spec, opts.trust_remote_code)
+            self.engine = VllmEngine(spec, self.tok, dtype=opts.dtype, seed=opts.params.seed,
+                                     trust_remote_code=opts.trust_remote_code)
         else:
             self.model, self.tok = load_causal_lm(
                 spec, opts.dtype, allow_pickle=opts.allow_pickle,
@@ -302,15 +304,14 @@ class _Pipeline:
 
     def _sample(self, prompts: list, keys: list[str], task) -> list[list[dict]]:
         o = self.opts
-        if o.engine == "vllm":
-            res = sample_vllm(self.spec, self.tok, prompts, o.params, system=o.system, raw=o.raw,
-                              dtype=o.dtype, keys=keys, trust_remote_code=o.trust_remote_code)
+        if self.engine is not None:
+            res = self.engine.sample(prompts, o.params, system=o.system, raw=o.raw, keys=keys)
             task.advance(len(prompts))
         else:
             res = sample(self.model, self.tok, prompts, o.params, system=o.system, raw=o.raw,
                          ref_model=self.ref, alpha=o.alpha or 0.0, keys=keys, return_ids=True,
                          progress=task)
-            self._retokenize(prompts, res)
+        self._retokenize(prompts, res)
         self.tokens += sum(s["n_tokens"] for group in res for s in group)
         return res
 
@@ -323,7 +324,8 @@ class _Pipeline:
         nats and spoil the reference values it stands in for. Those samples (189 of the
         demo's 1280 SmolLM2 samples) are re-scored by teacher forcing on the text's own
         tokens, in one batched pass; `token_ids` follows; a mixture's `logp_mix` is
-        dropped."""
+        dropped. The vLLM engine's samples take the same path, teacher-forced through
+        the same engine (`VllmEngine.completion_logps`, the same tokenization)."""
         fix = []
         for i, group in enumerate(res):
             for s in group:
@@ -338,7 +340,10 @@ class _Pipeline:
         texts = [s["text"] for _, s, _ in fix]
         eos = [bool(s["finished"]) for _, s, _ in fix]
         bs = self.opts.params.batch_size
-        lp = completion_logps(self.model, self.tok, rendered, texts, add_eos=eos, batch_size=bs)
+        if self.engine is not None:
+            lp = self.engine.completion_logps(rendered, texts, add_eos=eos)
+        else:
+            lp = completion_logps(self.model, self.tok, rendered, texts, add_eos=eos, batch_size=bs)
         lp_ref = (completion_logps(self.ref, self.tok, rendered, texts, add_eos=eos, batch_size=bs)
                   if self.ref is not None else None)
         for j, (_, s, own) in enumerate(fix):
@@ -419,6 +424,11 @@ class _Pipeline:
                                  fin_r=[s["finished"] for s in neg[i]])
         return out
 
+    def close(self) -> None:
+        if self.engine is not None:
+            self.engine.close()
+            self.engine = None
+
 
 class _NullTask:
     def advance(self, n: int = 1, **_):
@@ -451,23 +461,27 @@ def run_gen_pairs(input_path: str, output: str, opts: GenPairsOptions,
     chunk = chunk_prompts or max(opts.params.batch_size * 8, 64)
     copied = written = 0
     t_sample = 0.0
-    with RecordWriter(output) as w:
-        if done:
-            for _, raw, rec in _iter_resume_lines(opts.resume_from):  # type: ignore[arg-type]
-                pid = _prompt_id(rec)
-                if pid in done and pid in wanted:
-                    w.write(rec)
-                    copied += 1
+    try:
+        with RecordWriter(output) as w:
+            if done:
+                for _, raw, rec in _iter_resume_lines(opts.resume_from):  # type: ignore[arg-type]
+                    pid = _prompt_id(rec)
+                    if pid in done and pid in wanted:
+                        w.write(rec)
+                        copied += 1
+            if pipe is not None:
+                with console.progress("gen-pairs", total=len(todo)) as task:
+                    for start in range(0, len(todo), chunk):
+                        t0 = time.time()
+                        out = pipe.process(todo[start:start + chunk], task)
+                        t_sample += time.time() - t0
+                        w.write_all(out)
+                        written += len(out)
+                        if output == "-":
+                            sys.stdout.flush()  # a redirect keeps whole chunks for --resume-from
+    finally:
         if pipe is not None:
-            with console.progress("gen-pairs", total=len(todo)) as task:
-                for start in range(0, len(todo), chunk):
-                    t0 = time.time()
-                    out = pipe.process(todo[start:start + chunk], task)
-                    t_sample += time.time() - t0
-                    w.write_all(out)
-                    written += len(out)
-                    if output == "-":
-                        sys.stdout.flush()  # a redirect keeps whole chunks for --resume-from
+            pipe.close()  # the vLLM engine's memory (and threads) go back
     tokens = pipe.tokens if pipe else 0
     counts = {"prompts": len(records), "prompts_sampled": len(todo), "records_copied": copied,
               "records_written": written, "tokens": tokens,
