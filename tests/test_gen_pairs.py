@@ -673,8 +673,9 @@ def test_killed_at_random_points_then_resumed_gives_the_uninterrupted_records(ti
     import sys
     import time
     from pathlib import Path
+    # 200 prompts: gen-pairs writes chunks of 64, so a kill can land between chunks
     src = write_jsonl(tmp_path / "p.jsonl", [{"id": f"q{i}", "prompt": f"Give {i} tips."}
-                                             for i in range(40)])
+                                             for i in range(200)])
     exe = str(Path(sys.executable).parent / "alignkit")
     args = [exe, "gen-pairs", "--model", str(tiny_model), "-n", "2", "--max-new-tokens", "12",
             "--batch-size", "4", "--seed", "3", str(src)]
