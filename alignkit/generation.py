@@ -94,14 +94,14 @@ def row_seed(seed: int, key: str, j: int) -> int:
 
 # --- model plumbing --------------------------------------------------------------------
 
-def _device(model):
+def model_device(model):
     return next(model.parameters()).device
 
 
 _CACHE_KW: dict[type, str] = {}
 
 
-def _cache_kw(model) -> str:
+def cache_kw(model) -> str:
     """transformers 5.x renamed `past_key_values` to `cache`; older model code (remote
     code, PEFT wrappers around it) still takes the old name."""
     t = type(model)
@@ -112,7 +112,7 @@ def _cache_kw(model) -> str:
     return _CACHE_KW[t]
 
 
-def _out_cache(out):
+def out_cache(out):
     c = getattr(out, "cache", None)
     return c if c is not None else out.past_key_values
 
@@ -141,7 +141,7 @@ def _no_grad(model):
     return torch.no_grad() if sharded else torch.inference_mode()
 
 
-def _left_pad(seqs: list[list[int]], pad_id: int, device):
+def left_pad(seqs: list[list[int]], pad_id: int, device):
     import torch
     width = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
@@ -174,7 +174,7 @@ def check_same_vocab(model, ref_model) -> None:
 _BLOCK = 256
 
 
-def _pick(logits, u, params: SampleParams):
+def pick_tokens(logits, u, params: SampleParams):
     """Choose one token per row from logits (R, V) (float32; any per-row offset, e.g.
     log-probabilities) with uniforms u (R,) in [0, 1): temperature, then top-k, then
     top-p, then inverse-CDF sampling. Greedy when the temperature is 0.
@@ -221,7 +221,7 @@ def _search(cdf, target):
 
 # --- the decode loop ------------------------------------------------------------------------
 
-def _forward_keep(model, keep: int, **kw):
+def forward_keep(model, keep: int, **kw):
     """A forward pass computing logits for the last `keep` positions only (older model
     code without `logits_to_keep` computes them all)."""
     try:
@@ -234,16 +234,16 @@ def _forward_keep(model, keep: int, **kw):
 
 
 def _prefill(model, ids, mask, pos, rep):
-    out, logits = _forward_keep(model, 1, input_ids=ids, attention_mask=mask, position_ids=pos,
+    out, logits = forward_keep(model, 1, input_ids=ids, attention_mask=mask, position_ids=pos,
                                 use_cache=True)
-    cache = _out_cache(out)
+    cache = out_cache(out)
     cache.reorder_cache(rep)
     return logits[:, -1].float()[rep], cache
 
 
 def _step(model, cache, tok, mask, pos):
     out = model(input_ids=tok[:, None], attention_mask=mask, position_ids=pos[:, None],
-                use_cache=True, **{_cache_kw(model): cache})
+                use_cache=True, **{cache_kw(model): cache})
     return out.logits[:, -1].float()
 
 
@@ -252,14 +252,14 @@ def _sample_batch(model, prompt_ids: list[list[int]], seeds: list[int], params: 
     """Sample `params.n` rows per prompt; returns B*n dicts in (prompt, j) order with
     token_ids, logp (model, temperature 1), and logp_ref / logp_mix with a ref model."""
     import torch
-    device = _device(model)
+    device = model_device(model)
     n, steps = params.n, params.max_new_tokens
-    ids, mask, pos = _left_pad(prompt_ids, pad_id, device)
+    ids, mask, pos = left_pad(prompt_ids, pad_id, device)
     rep = torch.arange(len(prompt_ids), device=device).repeat_interleave(n)
     logits, cache = _prefill(model, ids, mask, pos, rep)
     if ref_model is not None:
-        rlogits, rcache = _prefill(ref_model, ids.to(_device(ref_model)), mask.to(_device(ref_model)),
-                                   pos.to(_device(ref_model)), rep.to(_device(ref_model)))
+        rlogits, rcache = _prefill(ref_model, ids.to(model_device(ref_model)), mask.to(model_device(ref_model)),
+                                   pos.to(model_device(ref_model)), rep.to(model_device(ref_model)))
     mask, pos = mask[rep], pos[rep, -1]
     rows_total = len(rep)
     uniforms = torch.stack([torch.rand(steps, dtype=torch.float64,
@@ -280,7 +280,7 @@ def _sample_batch(model, prompt_ids: list[list[int]], seeds: list[int], params: 
                 alpha * (rlogits - torch.logsumexp(rlogits, dim=-1, keepdim=True))
             dist.update(logp_ref=(rlogits, torch.logsumexp(rlogits, dim=-1)),
                         logp_mix=(mix, torch.logsumexp(mix, dim=-1)))
-        tok = _pick(dist["logp_mix"][0] if ref_model is not None else logits,
+        tok = pick_tokens(dist["logp_mix"][0] if ref_model is not None else logits,
                     uniforms[rows, t], params)
         for name, (lg, norm) in dist.items():
             sums[name][rows] += (lg.gather(1, tok[:, None]).squeeze(1) - norm).double().cpu()
@@ -298,12 +298,12 @@ def _sample_batch(model, prompt_ids: list[list[int]], seeds: list[int], params: 
             cache.reorder_cache(keep_d)
             rows, tok, mask, pos = rows[keep], tok[keep_d], mask[keep_d], pos[keep_d]
             if ref_model is not None:
-                rcache.reorder_cache(keep.to(_device(ref_model)))
+                rcache.reorder_cache(keep.to(model_device(ref_model)))
         mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
         pos = pos + 1
         logits = _step(model, cache, tok, mask, pos)
         if ref_model is not None:
-            rd = _device(ref_model)
+            rd = model_device(ref_model)
             rlogits = _step(ref_model, rcache, tok.to(rd), mask.to(rd), pos.to(rd))
     out = []
     for r in range(rows_total):
@@ -355,7 +355,7 @@ def sample(model, tokenizer, prompts: list, params: SampleParams, *, system: str
             if ref_model is None and slots.supported(model):
                 def done(k, rows):
                     i = order[k]
-                    results[i] = [_finish_row(tokenizer, r, stops, return_ids) for r in rows]
+                    results[i] = [finish_row(tokenizer, r, stops, return_ids) for r in rows]
                     task.advance(1)
                 seeds = [[row_seed(params.seed, keys[i], j) for j in range(params.n)] for i in order]
                 slots.decode(model, [encoded[i] for i in order], seeds, params, stops, pad, done)
@@ -366,7 +366,7 @@ def sample(model, tokenizer, prompts: list, params: SampleParams, *, system: str
                 rows = _sample_batch(model, [encoded[i] for i in idx], seeds, params, stops, pad,
                                      ref_model, alpha)
                 for b, i in enumerate(idx):
-                    results[i] = [_finish_row(tokenizer, r, stops, return_ids)
+                    results[i] = [finish_row(tokenizer, r, stops, return_ids)
                                   for r in rows[b * params.n:(b + 1) * params.n]]
                 task.advance(len(idx))
 
@@ -378,7 +378,7 @@ def sample(model, tokenizer, prompts: list, params: SampleParams, *, system: str
     return results  # type: ignore[return-value]
 
 
-def _finish_row(tokenizer, row: dict, stops: set[int], return_ids: bool) -> dict:
+def finish_row(tokenizer, row: dict, stops: set[int], return_ids: bool) -> dict:
     ids = row["token_ids"]
     content = ids[:-1] if row["finished"] and ids and ids[-1] in stops else ids
     out = {"text": tokenizer.decode(content, skip_special_tokens=True), "logp": row["logp"],
@@ -399,7 +399,7 @@ def token_logps(model, pairs: list[tuple[list[int], list[int]]], *, batch_size: 
     teacher-forced forward pass per batch (left padded; only the completion positions'
     logits are computed)."""
     import torch
-    device = _device(model)
+    device = model_device(model)
     out: list[list[float] | None] = [None] * len(pairs)
     order = sorted(range(len(pairs)), key=lambda i: len(pairs[i][0]) + len(pairs[i][1]))
     with _no_grad(model), _eval_mode(model):
@@ -413,8 +413,8 @@ def token_logps(model, pairs: list[tuple[list[int], list[int]]], *, batch_size: 
             for i in idx:
                 if not pairs[i][0]:
                     raise AlignkitError("cannot score a completion after an empty prompt")
-            ids, mask, pos = _left_pad([pairs[i][0] + pairs[i][1] for i in idx], pad_id, device)
-            logits = _forward_keep(model, k_max + 1, input_ids=ids, attention_mask=mask,
+            ids, mask, pos = left_pad([pairs[i][0] + pairs[i][1] for i in idx], pad_id, device)
+            logits = forward_keep(model, k_max + 1, input_ids=ids, attention_mask=mask,
                                    position_ids=pos)[1][:, :-1]
             for b, i in enumerate(idx):
                 comp = pairs[i][1]

@@ -17,7 +17,7 @@ bf16 matrix products run far below peak. This module keeps the rows busy instead
   busy slots, so the tail of a run does not pay for idle rows.
 
 Sampling itself is unchanged: each sample draws from its own uniform stream (one per
-token, `generation._pick`), so a sample's tokens do not depend on which slot, batch or
+token, `generation.pick_tokens`), so a sample's tokens do not depend on which slot, batch or
 step it ran in (up to float round-off), and `logp` is summed from the same logits.
 
 Used for decoder-only models whose every layer is full attention under the `sdpa` or
@@ -93,15 +93,15 @@ def decode(model, prompt_ids: list[list[int]], seeds: list[list[int]], params, s
 
     from transformers.cache_utils import Cache
 
-    from .generation import _cache_kw, _device, _forward_keep, _left_pad, _out_cache, _pick
+    from .generation import cache_kw, model_device, forward_keep, left_pad, out_cache, pick_tokens
 
-    device = _device(model)
+    device = model_device(model)
     n, steps = params.n, params.max_new_tokens
     n_slots = max(1, min(params.batch_size * n, len(prompt_ids) * n))
     capacity = max(len(p) for p in prompt_ids) + steps + 1
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     additive = base.config._attn_implementation == "eager"
-    cache_kw = _cache_kw(model)
+    cache_kw = cache_kw(model)
     SlotLayer = _slot_layer_class()
 
     queue = [(i, j) for i in range(len(prompt_ids)) for j in range(n)]
@@ -126,10 +126,10 @@ def decode(model, prompt_ids: list[list[int]], seeds: list[list[int]], params, s
         nonlocal next_prefill, logits
         chunk = list(range(next_prefill, min(len(prompt_ids), next_prefill + params.batch_size)))
         next_prefill = chunk[-1] + 1
-        ids, mask, pos = _left_pad([prompt_ids[i] for i in chunk], pad_id, device)
-        out, last = _forward_keep(model, 1, input_ids=ids, attention_mask=mask, position_ids=pos,
+        ids, mask, pos = left_pad([prompt_ids[i] for i in chunk], pad_id, device)
+        out, last = forward_keep(model, 1, input_ids=ids, attention_mask=mask, position_ids=pos,
                                   use_cache=True)
-        cache = _out_cache(out)
+        cache = out_cache(out)
         width = ids.shape[1]
         if not layers:
             for lay in cache.layers:
@@ -180,7 +180,7 @@ def decode(model, prompt_ids: list[list[int]], seeds: list[list[int]], params, s
         if picks.numel():
             lg = logits[picks.to(device)]
             u = torch.stack([uniforms[s][step_of[s]] for s in picks.tolist()])
-            tok = _pick(lg, u, params)
+            tok = pick_tokens(lg, u, params)
             lp = (lg.gather(1, tok[:, None]).squeeze(1) - torch.logsumexp(lg, dim=-1)).double().cpu()
             pending[picks] = False
             freed = False
@@ -217,7 +217,7 @@ def decode(model, prompt_ids: list[list[int]], seeds: list[list[int]], params, s
         if additive:
             mask = torch.zeros(mask.shape, dtype=layers[0].keys.dtype, device=device).masked_fill(
                 ~mask, torch.finfo(layers[0].keys.dtype).min)
-        _, last = _forward_keep(model, 1, input_ids=fed.to(device)[:, None], attention_mask=mask,
+        _, last = forward_keep(model, 1, input_ids=fed.to(device)[:, None], attention_mask=mask,
                                 position_ids=st.lens[:, None], use_cache=True,
                                 **{cache_kw: Cache(layers=layers)})
         logits = last[:, -1].float()

@@ -38,7 +38,7 @@ from pathlib import Path
 
 from . import console
 from .errors import AlignkitError, UsageError
-from .generation import SampleParams, _finish_row, row_seed, stop_token_ids
+from .generation import SampleParams, finish_row, row_seed, stop_token_ids
 from .text import encode_pair, encode_prompt, render_prompt
 
 INSTALL_HINT = ("--engine vllm needs vLLM, which is not installed: pip install 'alignkit[vllm]' "
@@ -221,7 +221,7 @@ class VllmEngine:
             # EOS stops the row: the same test as the HF sampler (vLLM's "stop" reason
             # also covers stop strings, which alignkit never sets)
             finished = bool(ids) and ids[-1] in self.stops and c.finish_reason == "stop"
-            row = _finish_row(self.tok, {"token_ids": ids, "logp": float(sum(per)),
+            row = finish_row(self.tok, {"token_ids": ids, "logp": float(sum(per)),
                                          "finished": finished}, self.stops, True)
             if token_logps:
                 row["token_logps"] = per

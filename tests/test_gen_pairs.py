@@ -9,7 +9,7 @@ import math
 import pytest
 
 from alignkit.gen_pairs import GenPairsOptions, remove_context
-from alignkit.generation import (SampleParams, _pick, completion_logps, encode_pair, encode_prompt,
+from alignkit.generation import (SampleParams, pick_tokens, completion_logps, encode_pair, encode_prompt,
                                  render_prompt, sample, token_logps)
 from alignkit.vllm_engine import vllm_available
 from alignkit.records import derive_id, validate
@@ -112,7 +112,7 @@ def test_pick_inverse_cdf_frequencies_across_blocks():
         logits[0, i] = math.log(p)
     n = 1000
     u = (torch.arange(n, dtype=torch.float64) + 0.5) / n
-    picks = _pick(logits.expand(n, vocab), u, SampleParams(temperature=1.0)).tolist()
+    picks = pick_tokens(logits.expand(n, vocab), u, SampleParams(temperature=1.0)).tolist()
     counts = {i: picks.count(i) for i in probs}
     assert sum(counts.values()) == n  # never a zero-probability token
     for i, p in probs.items():
@@ -123,14 +123,14 @@ def test_pick_filters_and_greedy():
     logits = torch.tensor([[0.0, 3.0, 2.9, -1.0, 1.0]])
     u = torch.linspace(0.001, 0.999, 200, dtype=torch.float64)
     rows = logits.expand(200, 5)
-    assert set(_pick(rows, u, SampleParams(temperature=1.0, top_k=1)).tolist()) == {1}
-    assert set(_pick(rows, u, SampleParams(temperature=1.0, top_k=2)).tolist()) == {1, 2}
+    assert set(pick_tokens(rows, u, SampleParams(temperature=1.0, top_k=1)).tolist()) == {1}
+    assert set(pick_tokens(rows, u, SampleParams(temperature=1.0, top_k=2)).tolist()) == {1, 2}
     # top-p 0.5: token 1 holds ~0.47 of the mass, so tokens 1 and 2 are kept
-    assert set(_pick(rows, u, SampleParams(temperature=1.0, top_p=0.5)).tolist()) == {1, 2}
-    assert set(_pick(rows, u, SampleParams(temperature=1.0, top_p=0.01)).tolist()) == {1}
-    assert set(_pick(rows, u, SampleParams(temperature=0.0)).tolist()) == {1}
+    assert set(pick_tokens(rows, u, SampleParams(temperature=1.0, top_p=0.5)).tolist()) == {1, 2}
+    assert set(pick_tokens(rows, u, SampleParams(temperature=1.0, top_p=0.01)).tolist()) == {1}
+    assert set(pick_tokens(rows, u, SampleParams(temperature=0.0)).tolist()) == {1}
     # a low temperature sharpens: almost all mass on token 1 and 2
-    assert set(_pick(rows, u, SampleParams(temperature=0.05)).tolist()) <= {1, 2}
+    assert set(pick_tokens(rows, u, SampleParams(temperature=0.05)).tolist()) <= {1, 2}
 
 
 # --- the sampler -------------------------------------------------------------------------------
@@ -673,9 +673,9 @@ def test_killed_at_random_points_then_resumed_gives_the_uninterrupted_records(ti
     import sys
     import time
     from pathlib import Path
-    # 200 prompts: gen-pairs writes chunks of 64, so a kill can land between chunks
+    # 130 prompts: gen-pairs writes chunks of 64, so a kill can land between chunks
     src = write_jsonl(tmp_path / "p.jsonl", [{"id": f"q{i}", "prompt": f"Give {i} tips."}
-                                             for i in range(200)])
+                                             for i in range(130)])
     exe = str(Path(sys.executable).parent / "alignkit")
     args = [exe, "gen-pairs", "--model", str(tiny_model), "-n", "2", "--max-new-tokens", "12",
             "--batch-size", "4", "--seed", "3", str(src)]
