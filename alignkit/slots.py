@@ -209,7 +209,7 @@ def decode(model, prompt_ids: list[list[int]], seeds: list[list[int]], params, s
             tokens[:] = [tokens[s] for s in busy]
             sums[:] = [sums[s] for s in busy]
             uniforms[:] = [uniforms[s] for s in busy]
-            busy = list(range(len(busy)))
+            busy = list(range(len(busy)))  # every slot left is busy
         st.width = int(st.lens.max()) + 1
         span = torch.arange(st.width, device=device)[None, :]
         valid = span <= st.lens[:, None]
@@ -221,6 +221,6 @@ def decode(model, prompt_ids: list[list[int]], seeds: list[list[int]], params, s
                                 position_ids=st.lens[:, None], use_cache=True,
                                 **{cache_kw: Cache(layers=layers)})
         logits = last[:, -1].float()
-        idle = torch.tensor([sample_of[s] is None for s in range(len(sample_of))])
-        st.lens += (~idle).to(st.lens.device).long()
-        pending = ~idle
+        pending = torch.zeros(len(sample_of), dtype=torch.bool)
+        pending[busy] = True
+        st.lens += pending.to(st.lens.device).long()
