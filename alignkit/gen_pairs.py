@@ -18,7 +18,7 @@ from . import console
 from .errors import DataError, UsageError
 from .generation import (SampleParams, check_same_vocab, pad_id, completion_logps,
                          encode_prompt, render_prompt, sample, token_logps)
-from .vllm_engine import INSTALL_HINT, vllm_available
+from .engines import EngineOptions
 from .records import Text
 from .text import as_completion, completion_text as text_of
 
@@ -38,7 +38,7 @@ class GenPairsOptions:
     dtype: str = "auto"
     system: str | None = None
     raw: bool = False
-    engine: str = "hf"
+    engines: EngineOptions = field(default_factory=EngineOptions)
     pair_with_reference: str | None = None
     mixture: str | None = None
     alpha: float | None = None
@@ -81,14 +81,10 @@ class GenPairsOptions:
                 self.alpha = 0.5
             if not 0.0 <= self.alpha <= 1.0:
                 raise UsageError(f"--alpha must be in [0, 1], got {self.alpha}")
-        if self.engine not in ("hf", "vllm"):
-            raise UsageError(f"--engine must be hf or vllm, got {self.engine!r}")
-        if self.engine == "vllm":
-            if self.mode != "samples":
-                raise UsageError("--engine vllm supports plain sampling only; pairing modes "
-                                 "(--pair-with-reference, --mixture, --contrast-prompt) need --engine hf")
-            if not vllm_available():
-                raise UsageError(INSTALL_HINT)
+        if self.engines.uses_vllm and self.mode != "samples":
+            raise UsageError(f"--engine {self.engines.engine} supports plain sampling only; pairing "
+                             "modes (--pair-with-reference, --mixture, --contrast-prompt) need --engine hf")
+        self.engines.check()
         if self.dtype not in _DTYPES:
             raise UsageError(f"--dtype must be one of {', '.join(_DTYPES)}, got {self.dtype!r}")
         if self.system and self.raw:
@@ -227,7 +223,7 @@ def _gen_block(opts: GenPairsOptions, spec: str, sha: str, **extra) -> dict:
     p = opts.params
     gen = {"model": spec, "model_sha256": sha, "temperature": p.temperature, "top_p": p.top_p,
            "max_new_tokens": p.max_new_tokens, "seed": p.seed, "top_k": p.top_k, "n": p.n,
-           "dtype": opts.dtype, "engine": opts.engine}
+           "dtype": opts.dtype, "engine": opts.engines.record_name}
     if opts.system:
         gen["system"] = opts.system
     if opts.raw:
@@ -273,19 +269,21 @@ class _Pipeline:
         self.spec, self.sha = spec, model_sha256(spec)
         self.ref = self.engine = None
         device = _auto_device()
-        if opts.engine == "vllm":
-            from .vllm_engine import VllmEngine
+        if opts.engines.uses_vllm:
+            from .engines import open_engine
             self.model, self.tok = None, load_tokenizer(spec, opts.trust_remote_code)
-            self.engine = VllmEngine(spec, self.tok, dtype=opts.dtype, seed=opts.params.seed,
-                                     trust_remote_code=opts.trust_remote_code)
+            self.engine = open_engine(opts.engines, spec, self.tok, dtype=opts.dtype,
+                                      seed=opts.params.seed,
+                                      trust_remote_code=opts.trust_remote_code)
         else:
             self.model, self.tok = load_causal_lm(
                 spec, opts.dtype, allow_pickle=opts.allow_pickle,
-                trust_remote_code=opts.trust_remote_code, device=device)
+                trust_remote_code=opts.trust_remote_code, device=device, merged=True)
         extra: dict[str, Any] = {}
         if opts.mode == "mixture":
             self.ref, _ = load_causal_lm(opts.mixture, opts.dtype, allow_pickle=opts.allow_pickle,
-                                         trust_remote_code=opts.trust_remote_code, device=device)
+                                         trust_remote_code=opts.trust_remote_code, device=device,
+                                         merged=True)
             check_same_vocab(self.model, self.ref)
             extra["mixture"] = {"ref": opts.mixture, "ref_sha256": model_sha256(opts.mixture),
                                 "alpha": opts.alpha}
@@ -495,5 +493,6 @@ def run_gen_pairs(input_path: str, output: str, opts: GenPairsOptions,
         inputs=inputs, seed=opts.params.seed, counts=counts, started=started,
         mode=opts.mode, gen=pipe.gen if pipe else None,
         tokens_per_s=round(tokens / t_sample, 2) if t_sample else None,
-        options={k: v for k, v in asdict(opts).items() if k != "params"}))
+        options={**{k: v for k, v in asdict(opts).items() if k not in ("params", "engines")},
+                 **asdict(opts.engines)}))
     return counts

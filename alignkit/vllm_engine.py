@@ -59,7 +59,7 @@ def vllm_available() -> bool:
     return importlib.util.find_spec("vllm") is not None
 
 
-def _cpu_list(cpus) -> str:
+def cpu_list(cpus) -> str:
     """{0, 1, 2, 5} -> '0-2,5' (the format of VLLM_CPU_OMP_THREADS_BIND)."""
     cpus, parts = sorted(cpus), []
     start = prev = None
@@ -73,14 +73,14 @@ def _cpu_list(cpus) -> str:
     return ",".join(parts)
 
 
-def _usable_cpus() -> set[int]:
+def usable_cpus() -> set[int]:
     try:
         return set(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
         return set(range(os.cpu_count() or 1))
 
 
-def _available_gib() -> int:
+def available_gib() -> int:
     try:
         import psutil  # a vLLM dependency
         return int(psutil.virtual_memory().available // 2**30)
@@ -100,17 +100,17 @@ def prepare_environment(extra: dict | None = None) -> bool:
     cpu = bool(current_platform.is_cpu())
     if cpu:
         os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
-        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", _cpu_list(_usable_cpus()))
+        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", cpu_list(usable_cpus()))
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         if not {"kv_cache_memory_bytes", "gpu_memory_utilization"} & set(extra):
             # vLLM's default reserves 92% of the memory node and refuses to start when
             # other processes hold more than 8% of it: take a quarter of what is free
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE",
-                                  str(max(1, min(8, _available_gib() // 4))))
+                                  str(max(1, min(8, available_gib() // 4))))
     return cpu
 
 
-def _extra_args() -> dict:
+def extra_args() -> dict:
     raw = os.environ.get("ALIGNKIT_VLLM_ARGS", "").strip()
     if not raw:
         return {}
@@ -164,7 +164,7 @@ class VllmEngine:
                              "adapter first (train with --merge-lora) or use --engine hf")
         self.tok = tokenizer
         self.stops = stop_token_ids(_GenCfg(folder), tokenizer)
-        extra = _extra_args()
+        extra = extra_args()
         cpu = prepare_environment(extra)
         if cpu:
             _check_cpu_head_size(folder, model_spec)
@@ -297,6 +297,19 @@ class VllmEngine:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+    # --- weight updates -----------------------------------------------------------------
+
+    def load_weights(self, named_tensors) -> None:
+        """Load (name, tensor) pairs, named as in the model's folder (a full set or any
+        part of it), into the engine's model, then drop the prefix cache (its KV blocks
+        were computed with the old weights). `train-policy --engine vllm` pushes the
+        policy's weights this way (`alignkit.policy.weight_sync`)."""
+        weights = list(named_tensors)
+        if not weights:
+            return
+        self.llm.apply_model(lambda model: model.load_weights(weights))
+        self.llm.reset_prefix_cache()
 
 
 def sample_vllm(model_spec: str, tokenizer, prompts: list, params: SampleParams, *,

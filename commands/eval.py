@@ -3,13 +3,15 @@ from __future__ import annotations
 
 import typer
 
-from alignkit.scorers.options import ScorerOptions  # light: a dataclass
+from alignkit.engines import EngineOptions  # light: dataclasses
+from alignkit.eval_options import EvalOptions
+from alignkit.scorers.options import ScorerOptions
 
 from ._common import dtype_opt, force_opt, input_arg, seed_opt, with_params
 from .score import scorer_opt
 
 
-@with_params(scoring=ScorerOptions)
+@with_params(scoring=ScorerOptions, engines=EngineOptions)
 def eval_cmd(
     data: str = input_arg("Prompts JSONL (with --model) or samples JSONL (without); '-' reads stdin."),
     model: list[str] = typer.Option(None, "--model", "-m", help="Model to evaluate (repeat for several checkpoints)."),
@@ -18,16 +20,16 @@ def eval_cmd(
     weights: str = typer.Option(None, "--weights", metavar="W,W", help="Comma-separated weights of the scorers."),
     baseline_samples: str = typer.Option(None, "--baseline-samples", help="Samples of the baseline on the same prompts (e.g. an earlier --samples-out): skips generating with it."),
     pairs: str = typer.Option(None, "--pairs", help="Pair records: report reward-model accuracy of the scorers on them."),
-    num_samples: int = typer.Option(1, "-n", "--num-samples", help="Completions per prompt."),
-    temperature: float = typer.Option(0.0, "--temperature", help="0 = greedy decoding."),
-    top_p: float = typer.Option(1.0, "--top-p"),
-    max_new_tokens: int = typer.Option(128, "--max-new-tokens"),
-    batch_size: int = typer.Option(16, "--batch-size"),
+    num_samples: int = typer.Option(EvalOptions.n, "-n", "--num-samples", help="Completions per prompt."),
+    temperature: float = typer.Option(EvalOptions.temperature, "--temperature", help="0 = greedy decoding."),
+    top_p: float = typer.Option(EvalOptions.top_p, "--top-p"),
+    max_new_tokens: int = typer.Option(EvalOptions.max_new_tokens, "--max-new-tokens"),
+    batch_size: int = typer.Option(EvalOptions.batch_size, "--batch-size", min=1, help="Prompts the sampler decodes at once (its slots; a finished one takes the next prompt)."),
     system: str = typer.Option(None, "--system", help="System message for string prompts."),
     limit: int = typer.Option(0, "--limit", help="Evaluate only the first N prompts (0 = all)."),
     no_kl: bool = typer.Option(False, "--no-kl", help="Skip KL and entropy (saves sampling and a forward pass)."),
-    kl_samples: int = typer.Option(1, "--kl-samples", min=1, help="Completions per prompt drawn at temperature 1 for KL(model||baseline), whatever --temperature is."),
-    n_boot: int = typer.Option(1000, "--n-boot", help="Bootstrap resamples for intervals."),
+    kl_samples: int = typer.Option(EvalOptions.kl_samples, "--kl-samples", min=1, help="Completions per prompt drawn at temperature 1 for KL(model||baseline), whatever --temperature is."),
+    n_boot: int = typer.Option(EvalOptions.n_boot, "--n-boot", help="Bootstrap resamples for intervals."),
     report: str = typer.Option(None, "--report", help="Write report.md, metrics.json and PNG plots here."),
     training_metrics: list[str] = typer.Option(None, "--training-metrics", help="metrics.jsonl to plot (repeatable)."),
     samples_out: str = typer.Option(None, "--samples-out", help="Also write the scored samples (JSONL; one file per model: PATH with the label inserted)."),
@@ -35,6 +37,7 @@ def eval_cmd(
     dtype: str = dtype_opt(),
     force: bool = force_opt("Replace an existing non-empty --report folder."),
     scoring: ScorerOptions = None,
+    engines: EngineOptions = None,
 ) -> None:
     """Score models or samples and compare them: metrics JSON on stdout, a table on stderr.
 
@@ -50,7 +53,7 @@ def eval_cmd(
 
     from alignkit import console
     from alignkit.errors import UsageError
-    from alignkit.evaluation import EvalOptions, evaluate, rm_pairs_accuracy
+    from alignkit.evaluation import evaluate, rm_pairs_accuracy
     from alignkit.io import (RecordWriter, check_output_dir, check_output_file, load_records,
                              manifest, write_manifest)
     from alignkit.scorers import parse_weights
@@ -68,7 +71,7 @@ def eval_cmd(
     opts = EvalOptions(scorers=list(scorer), weights=w, n=num_samples, temperature=temperature,
                        top_p=top_p, max_new_tokens=max_new_tokens, batch_size=batch_size,
                        seed=seed, dtype=dtype, system=system, n_boot=n_boot, kl=not no_kl, kl_samples=kl_samples,
-                       scoring=scoring)
+                       scoring=scoring, engines=engines.check())
     kind = "prompt" if model else "samples"
     records = load_records(data, kind, unique_ids=True)
     if limit:

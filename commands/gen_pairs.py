@@ -3,10 +3,13 @@ from __future__ import annotations
 
 import typer
 
+from alignkit.engines import EngineOptions  # light: a dataclass
+
 from ._common import (allow_pickle_opt, dtype_opt, input_arg, output_opt, seed_opt,
-                      shard_opt, trust_remote_code_opt)
+                      shard_opt, trust_remote_code_opt, with_params)
 
 
+@with_params(engines=EngineOptions)
 def gen_pairs(
     input: str = input_arg("Prompt records (JSONL; '-' reads stdin)."),
     output: str = output_opt(),
@@ -24,7 +27,6 @@ def gen_pairs(
     dtype: str = dtype_opt(),
     system: str = typer.Option(None, "--system", help="System message for string prompts."),
     raw: bool = typer.Option(False, "--raw", help="Use string prompts as raw text (no chat template)."),
-    engine: str = typer.Option("hf", "--engine", help="hf | vllm (vllm: the optional extra, plain sampling)."),
     pair_with_reference: str = typer.Option(
         None, "--pair-with-reference", metavar="REF",
         help="SPIN-style pairs: chosen = the record's given answer (meta.chosen or chosen), "
@@ -45,6 +47,7 @@ def gen_pairs(
              "(a truncated last line is ignored; FILE may be the -o path)."),
     allow_pickle: bool = allow_pickle_opt(),
     trust_remote_code: bool = trust_remote_code_opt(),
+    engines: EngineOptions = None,
 ) -> None:
     """Sample N completions per prompt (samples records), or pairs in a pairing mode.
 
@@ -75,7 +78,7 @@ def gen_pairs(
         temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens,
         seed=seed, batch_size=batch_size)
     opts = GenPairsOptions(
-        model=model, params=params, dtype=dtype, system=system, raw=raw, engine=engine,
+        model=model, params=params, dtype=dtype, system=system, raw=raw, engines=engines,
         pair_with_reference=pair_with_reference, mixture=mixture, alpha=alpha,
         contrast_prompt=contrast_prompt, shard=parse_shard(shard), resume_from=resume_from,
         allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)

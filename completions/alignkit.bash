@@ -57,6 +57,7 @@ _alignkit() {
         "eval --calibrate") COMPREPLY=( $(compgen -f -- "$cur")); return ;;
         "eval --config") COMPREPLY=( $(compgen -f -- "$cur")); return ;;
         "eval --dtype") COMPREPLY=( $(compgen -f -- "$cur")); return ;;
+        "eval --engine") COMPREPLY=( $(compgen -f -- "$cur")); return ;;
         "eval --kl-samples") COMPREPLY=( $(compgen -f -- "$cur")); return ;;
         "eval --limit") COMPREPLY=( $(compgen -f -- "$cur")); return ;;
         "eval --max-new-tokens") COMPREPLY=( $(compgen -f -- "$cur")); return ;;
@@ -64,6 +65,7 @@ _alignkit() {
         "eval --n-boot") COMPREPLY=( $(compgen -f -- "$cur")); return ;;
         "eval --num-samples") COMPREPLY=( $(compgen -f -- "$cur")); return ;;
         "eval --pairs") COMPREPLY=( $(compgen -f -- "$cur")); return ;;
+        "eval --replicas") COMPREPLY=( $(compgen -f -- "$cur")); return ;;
         "eval --report") COMPREPLY=( $(compgen -f -- "$cur")); return ;;
         "eval --rubric") COMPREPLY=( $(compgen -f -- "$cur")); return ;;
         "eval --samples-out") COMPREPLY=( $(compgen -f -- "$cur")); return ;;
@@ -96,6 +98,7 @@ _alignkit() {
         "gen-pairs --num-samples") COMPREPLY=( $(compgen -f -- "$cur")); return ;;
         "gen-pairs --output") COMPREPLY=( $(compgen -f -- "$cur")); return ;;
         "gen-pairs --pair-with-reference") COMPREPLY=($(compgen -W "smollm2-135m-instruct minilm-l6 tiny-llama" -- "$cur") $(compgen -f -- "$cur")); return ;;
+        "gen-pairs --replicas") COMPREPLY=( $(compgen -f -- "$cur")); return ;;
         "gen-pairs --resume-from") COMPREPLY=( $(compgen -f -- "$cur")); return ;;
         "gen-pairs --seed") COMPREPLY=( $(compgen -f -- "$cur")); return ;;
         "gen-pairs --shard") COMPREPLY=( $(compgen -f -- "$cur")); return ;;
@@ -191,6 +194,7 @@ _alignkit() {
         "train-policy --clip") COMPREPLY=( $(compgen -f -- "$cur")); return ;;
         "train-policy --config") COMPREPLY=( $(compgen -f -- "$cur")); return ;;
         "train-policy --dtype") COMPREPLY=( $(compgen -f -- "$cur")); return ;;
+        "train-policy --engine") COMPREPLY=( $(compgen -f -- "$cur")); return ;;
         "train-policy --entropy-quantile") COMPREPLY=( $(compgen -f -- "$cur")); return ;;
         "train-policy --entropy-scope") COMPREPLY=( $(compgen -f -- "$cur")); return ;;
         "train-policy --entropy-threshold") COMPREPLY=( $(compgen -f -- "$cur")); return ;;
@@ -233,6 +237,7 @@ _alignkit() {
         "train-policy --seppo-snapshot-every") COMPREPLY=( $(compgen -f -- "$cur")); return ;;
         "train-policy --sft-weight") COMPREPLY=( $(compgen -f -- "$cur")); return ;;
         "train-policy --simpo-gamma") COMPREPLY=( $(compgen -f -- "$cur")); return ;;
+        "train-policy --sync-every") COMPREPLY=( $(compgen -f -- "$cur")); return ;;
         "train-policy --temperature") COMPREPLY=( $(compgen -f -- "$cur")); return ;;
         "train-policy --tokenizer") COMPREPLY=($(compgen -W "smollm2-135m-instruct minilm-l6 tiny-llama" -- "$cur") $(compgen -f -- "$cur")); return ;;
         "train-policy --transform") COMPREPLY=( $(compgen -f -- "$cur")); return ;;
@@ -276,8 +281,8 @@ _alignkit() {
         "") COMPREPLY=($(compgen -W "distill env eval gen-pairs lineage merge-soup models relabel schema score train-policy train-rm --debug --quiet --verbose --version -q -v" -- "$cur")) ;;
         "distill") if [[ $cur == -* ]]; then COMPREPLY=($(compgen -W "--allow-pickle --batch-size --beta --beta2 --config --contrast --dtype --epochs --eval-split --force --grad-accum --gradient-checkpointing --kd-temperature --len-norm --list-methods --lmbda --logging-steps --lora-alpha --lora-dropout --lora-r --lora-targets --lr --max-length --max-new-tokens --max-steps --merge-lora --method --no-len-norm --num-samples --on-policy --output --policy --quiet --report-to --responses --resume --save-steps --seed --student --student-config --teacher --teacher-ref --temperature --top-p --trust-remote-code --verbose --warmup-ratio --weight -m -n -o -q -s -t -v" -- "$cur")); else COMPREPLY=($(compgen -f -- "$cur")); fi ;;
         "env") if [[ $cur == -* ]]; then COMPREPLY=($(compgen -W "--config --json --quiet --verbose -q -v" -- "$cur")); else COMPREPLY=($(compgen -f -- "$cur")); fi ;;
-        "eval") if [[ $cur == -* ]]; then COMPREPLY=($(compgen -W "--aggregate --baseline --baseline-samples --batch-size --calibrate --config --dtype --force --hybrid --kl-samples --limit --max-new-tokens --model --n-boot --no-kl --num-samples --pairs --quiet --report --rubric --samples-out --scorer --scorer-batch-size --scorer-device --scorer-max-length --seed --system --temperature --tokenizer --top-p --training-metrics --transform --user --verbose --weights -b -m -n -q -s -v" -- "$cur")); else COMPREPLY=($(compgen -f -- "$cur")); fi ;;
-        "gen-pairs") if [[ $cur == -* ]]; then COMPREPLY=($(compgen -W "--allow-pickle --alpha --batch-size --config --contrast-prompt --dtype --engine --max-new-tokens --mixture --model --num-samples --output --pair-with-reference --quiet --raw --resume-from --seed --shard --system --temperature --top-k --top-p --trust-remote-code --verbose -m -n -o -q -v" -- "$cur")); else COMPREPLY=($(compgen -f -- "$cur")); fi ;;
+        "eval") if [[ $cur == -* ]]; then COMPREPLY=($(compgen -W "--aggregate --baseline --baseline-samples --batch-size --calibrate --config --dtype --engine --force --hybrid --kl-samples --limit --max-new-tokens --model --n-boot --no-kl --num-samples --pairs --quiet --replicas --report --rubric --samples-out --scorer --scorer-batch-size --scorer-device --scorer-max-length --seed --system --temperature --tokenizer --top-p --training-metrics --transform --user --verbose --weights -b -m -n -q -s -v" -- "$cur")); else COMPREPLY=($(compgen -f -- "$cur")); fi ;;
+        "gen-pairs") if [[ $cur == -* ]]; then COMPREPLY=($(compgen -W "--allow-pickle --alpha --batch-size --config --contrast-prompt --dtype --engine --max-new-tokens --mixture --model --num-samples --output --pair-with-reference --quiet --raw --replicas --resume-from --seed --shard --system --temperature --top-k --top-p --trust-remote-code --verbose -m -n -o -q -v" -- "$cur")); else COMPREPLY=($(compgen -f -- "$cur")); fi ;;
         "lineage") if [[ $cur == -* ]]; then COMPREPLY=($(compgen -W "--config --json --quiet --verbose -q -v" -- "$cur")); else COMPREPLY=($(compgen -f -- "$cur")); fi ;;
         "merge-soup") if [[ $cur == -* ]]; then COMPREPLY=($(compgen -W "--base --config --density --dtype --force --lambda --max-shard-size --method --no-normalize --normalize --output --quiet --rescale --seed --sign --t --verbose --weights -m -o -q -v" -- "$cur")); else COMPREPLY=($(compgen -f -- "$cur")); fi ;;
         "models") COMPREPLY=($(compgen -W "list pull tiny" -- "$cur")) ;;
@@ -287,7 +292,7 @@ _alignkit() {
         "relabel") if [[ $cur == -* ]]; then COMPREPLY=($(compgen -W "--aggregate --agree --batch-size --calibrate --config --dedupe --dtype --hybrid --k --keep --length-balance --max-length --min-chosen --min-margin --no-system --output --quantile --quiet --rm --rubric --scale --scorer-batch-size --scorer-device --scorer-max-length --seed --shard --strategy --threshold --tokenizer --transform --user --verbose -o -q -v" -- "$cur")); else COMPREPLY=($(compgen -f -- "$cur")); fi ;;
         "schema") if [[ $cur == -* ]]; then COMPREPLY=($(compgen -W "--config --quiet --verbose -q -v" -- "$cur")); else COMPREPLY=($(compgen -f -- "$cur")); fi ;;
         "score") if [[ $cur == -* ]]; then COMPREPLY=($(compgen -W "--aggregate --allow-pickle --batch-size --calibrate --chunk --config --device --dtype --hybrid --max-length --output --quiet --rubric --scorer --scorer-batch-size --scorer-device --scorer-max-length --shard --tokenizer --transform --trust-remote-code --user --verbose --weights -o -q -s -v" -- "$cur")); else COMPREPLY=($(compgen -f -- "$cur")); fi ;;
-        "train-policy") if [[ $cur == -* ]]; then COMPREPLY=($(compgen -W "--aggregate --allow-pickle --alpha --batch-size --beta --calibrate --clip --config --dtype --entropy-quantile --entropy-scope --entropy-threshold --epochs --epsilon --epsilon-high --force --grad-accum --gradient-checkpointing --grao-lambda --hybrid --importance-sampling --label-smoothing --list-methods --logging-steps --lora-alpha --lora-dropout --lora-r --lora-targets --loss --loss-weights --lr --mask-truncated --max-length --max-new-tokens --max-steps --merge-lora --method --model --no-record-ref --no-ref-cache --num-generations --opt --output --quiet --ref-model --report-to --resume --reward --reward-weights --rubric --sample-every --save-steps --scale-rewards --scorer-batch-size --scorer-device --scorer-max-length --seed --seppo-max-snapshots --seppo-snapshot-every --sft-weight --simpo-gamma --temperature --tokenizer --transform --trust-remote-code --user --verbose --warmup-ratio -m -o -q -v" -- "$cur")); else COMPREPLY=($(compgen -f -- "$cur")); fi ;;
+        "train-policy") if [[ $cur == -* ]]; then COMPREPLY=($(compgen -W "--aggregate --allow-pickle --alpha --batch-size --beta --calibrate --clip --config --dtype --engine --entropy-quantile --entropy-scope --entropy-threshold --epochs --epsilon --epsilon-high --force --grad-accum --gradient-checkpointing --grao-lambda --hybrid --importance-sampling --label-smoothing --list-methods --logging-steps --lora-alpha --lora-dropout --lora-r --lora-targets --loss --loss-weights --lr --mask-truncated --max-length --max-new-tokens --max-steps --merge-lora --method --model --no-record-ref --no-ref-cache --num-generations --opt --output --quiet --ref-model --report-to --resume --reward --reward-weights --rubric --sample-every --save-steps --scale-rewards --scorer-batch-size --scorer-device --scorer-max-length --seed --seppo-max-snapshots --seppo-snapshot-every --sft-weight --simpo-gamma --sync-every --temperature --tokenizer --transform --trust-remote-code --user --verbose --warmup-ratio -m -o -q -v" -- "$cur")); else COMPREPLY=($(compgen -f -- "$cur")); fi ;;
         "train-rm") if [[ $cur == -* ]]; then COMPREPLY=($(compgen -W "--adapt-users --batch-size --center-rewards --config --curriculum --dtype --em-iters --epochs --eval-pairs --eval-split --force --grad-accum --gradient-checkpointing --head-lr --k --list-methods --logging-steps --lora-alpha --lora-dropout --lora-r --lora-targets --lr --margin --max-length --max-steps --merge-lora --method --model --no-curriculum --noise-rate --output --pal-dim --quiet --report-to --resume --save-steps --seed --user-lr --verbose --warmup-ratio -m -o -q -v" -- "$cur")); else COMPREPLY=($(compgen -f -- "$cur")); fi ;;
         *) COMPREPLY=($(compgen -f -- "$cur")) ;;
     esac

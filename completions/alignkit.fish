@@ -85,6 +85,7 @@ complete -c alignkit -n '__fish_seen_subcommand_from eval' -l batch-size -r
 complete -c alignkit -n '__fish_seen_subcommand_from eval' -l calibrate -r
 complete -c alignkit -n '__fish_seen_subcommand_from eval' -l config -r
 complete -c alignkit -n '__fish_seen_subcommand_from eval' -l dtype -r
+complete -c alignkit -n '__fish_seen_subcommand_from eval' -l engine -r
 complete -c alignkit -n '__fish_seen_subcommand_from eval' -l force
 complete -c alignkit -n '__fish_seen_subcommand_from eval' -l hybrid
 complete -c alignkit -n '__fish_seen_subcommand_from eval' -l kl-samples -r
@@ -96,6 +97,7 @@ complete -c alignkit -n '__fish_seen_subcommand_from eval' -l no-kl
 complete -c alignkit -n '__fish_seen_subcommand_from eval' -l num-samples -r
 complete -c alignkit -n '__fish_seen_subcommand_from eval' -l pairs -r
 complete -c alignkit -n '__fish_seen_subcommand_from eval' -l quiet
+complete -c alignkit -n '__fish_seen_subcommand_from eval' -l replicas -r
 complete -c alignkit -n '__fish_seen_subcommand_from eval' -l report -r
 complete -c alignkit -n '__fish_seen_subcommand_from eval' -l rubric -r
 complete -c alignkit -n '__fish_seen_subcommand_from eval' -l samples-out -r
@@ -134,6 +136,7 @@ complete -c alignkit -n '__fish_seen_subcommand_from gen-pairs' -l output -r
 complete -c alignkit -n '__fish_seen_subcommand_from gen-pairs' -l pair-with-reference -r -a 'smollm2-135m-instruct minilm-l6 tiny-llama'
 complete -c alignkit -n '__fish_seen_subcommand_from gen-pairs' -l quiet
 complete -c alignkit -n '__fish_seen_subcommand_from gen-pairs' -l raw
+complete -c alignkit -n '__fish_seen_subcommand_from gen-pairs' -l replicas -r
 complete -c alignkit -n '__fish_seen_subcommand_from gen-pairs' -l resume-from -r
 complete -c alignkit -n '__fish_seen_subcommand_from gen-pairs' -l seed -r
 complete -c alignkit -n '__fish_seen_subcommand_from gen-pairs' -l shard -r
@@ -281,6 +284,7 @@ complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l calibrate 
 complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l clip -r
 complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l config -r
 complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l dtype -r
+complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l engine -r
 complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l entropy-quantile -r
 complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l entropy-scope -r
 complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l entropy-threshold -r
@@ -333,6 +337,7 @@ complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l seppo-max-
 complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l seppo-snapshot-every -r
 complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l sft-weight -r
 complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l simpo-gamma -r
+complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l sync-every -r
 complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l temperature -r
 complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l tokenizer -r -a 'smollm2-135m-instruct minilm-l6 tiny-llama'
 complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l transform -r

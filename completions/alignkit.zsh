@@ -56,6 +56,7 @@ _alignkit() {
     "eval --calibrate") _files; return ;;
     "eval --config") _files; return ;;
     "eval --dtype") _files; return ;;
+    "eval --engine") _files; return ;;
     "eval --kl-samples") _files; return ;;
     "eval --limit") _files; return ;;
     "eval --max-new-tokens") _files; return ;;
@@ -63,6 +64,7 @@ _alignkit() {
     "eval --n-boot") _files; return ;;
     "eval --num-samples") _files; return ;;
     "eval --pairs") _files; return ;;
+    "eval --replicas") _files; return ;;
     "eval --report") _files; return ;;
     "eval --rubric") _files; return ;;
     "eval --samples-out") _files; return ;;
@@ -95,6 +97,7 @@ _alignkit() {
     "gen-pairs --num-samples") _files; return ;;
     "gen-pairs --output") _files; return ;;
     "gen-pairs --pair-with-reference") compadd -- smollm2-135m-instruct minilm-l6 tiny-llama; _files; return ;;
+    "gen-pairs --replicas") _files; return ;;
     "gen-pairs --resume-from") _files; return ;;
     "gen-pairs --seed") _files; return ;;
     "gen-pairs --shard") _files; return ;;
@@ -190,6 +193,7 @@ _alignkit() {
     "train-policy --clip") _files; return ;;
     "train-policy --config") _files; return ;;
     "train-policy --dtype") _files; return ;;
+    "train-policy --engine") _files; return ;;
     "train-policy --entropy-quantile") _files; return ;;
     "train-policy --entropy-scope") _files; return ;;
     "train-policy --entropy-threshold") _files; return ;;
@@ -232,6 +236,7 @@ _alignkit() {
     "train-policy --seppo-snapshot-every") _files; return ;;
     "train-policy --sft-weight") _files; return ;;
     "train-policy --simpo-gamma") _files; return ;;
+    "train-policy --sync-every") _files; return ;;
     "train-policy --temperature") _files; return ;;
     "train-policy --tokenizer") compadd -- smollm2-135m-instruct minilm-l6 tiny-llama; _files; return ;;
     "train-policy --transform") _files; return ;;
@@ -275,8 +280,8 @@ _alignkit() {
     "") compadd -- distill env eval gen-pairs lineage merge-soup models relabel schema score train-policy train-rm --debug --quiet --verbose --version -q -v ;;
     "distill") if [[ $cur == -* ]]; then compadd -- --allow-pickle --batch-size --beta --beta2 --config --contrast --dtype --epochs --eval-split --force --grad-accum --gradient-checkpointing --kd-temperature --len-norm --list-methods --lmbda --logging-steps --lora-alpha --lora-dropout --lora-r --lora-targets --lr --max-length --max-new-tokens --max-steps --merge-lora --method --no-len-norm --num-samples --on-policy --output --policy --quiet --report-to --responses --resume --save-steps --seed --student --student-config --teacher --teacher-ref --temperature --top-p --trust-remote-code --verbose --warmup-ratio --weight -m -n -o -q -s -t -v; else _files; fi ;;
     "env") if [[ $cur == -* ]]; then compadd -- --config --json --quiet --verbose -q -v; else _files; fi ;;
-    "eval") if [[ $cur == -* ]]; then compadd -- --aggregate --baseline --baseline-samples --batch-size --calibrate --config --dtype --force --hybrid --kl-samples --limit --max-new-tokens --model --n-boot --no-kl --num-samples --pairs --quiet --report --rubric --samples-out --scorer --scorer-batch-size --scorer-device --scorer-max-length --seed --system --temperature --tokenizer --top-p --training-metrics --transform --user --verbose --weights -b -m -n -q -s -v; else _files; fi ;;
-    "gen-pairs") if [[ $cur == -* ]]; then compadd -- --allow-pickle --alpha --batch-size --config --contrast-prompt --dtype --engine --max-new-tokens --mixture --model --num-samples --output --pair-with-reference --quiet --raw --resume-from --seed --shard --system --temperature --top-k --top-p --trust-remote-code --verbose -m -n -o -q -v; else _files; fi ;;
+    "eval") if [[ $cur == -* ]]; then compadd -- --aggregate --baseline --baseline-samples --batch-size --calibrate --config --dtype --engine --force --hybrid --kl-samples --limit --max-new-tokens --model --n-boot --no-kl --num-samples --pairs --quiet --replicas --report --rubric --samples-out --scorer --scorer-batch-size --scorer-device --scorer-max-length --seed --system --temperature --tokenizer --top-p --training-metrics --transform --user --verbose --weights -b -m -n -q -s -v; else _files; fi ;;
+    "gen-pairs") if [[ $cur == -* ]]; then compadd -- --allow-pickle --alpha --batch-size --config --contrast-prompt --dtype --engine --max-new-tokens --mixture --model --num-samples --output --pair-with-reference --quiet --raw --replicas --resume-from --seed --shard --system --temperature --top-k --top-p --trust-remote-code --verbose -m -n -o -q -v; else _files; fi ;;
     "lineage") if [[ $cur == -* ]]; then compadd -- --config --json --quiet --verbose -q -v; else _files; fi ;;
     "merge-soup") if [[ $cur == -* ]]; then compadd -- --base --config --density --dtype --force --lambda --max-shard-size --method --no-normalize --normalize --output --quiet --rescale --seed --sign --t --verbose --weights -m -o -q -v; else _files; fi ;;
     "models") compadd -- list pull tiny ;;
@@ -286,7 +291,7 @@ _alignkit() {
     "relabel") if [[ $cur == -* ]]; then compadd -- --aggregate --agree --batch-size --calibrate --config --dedupe --dtype --hybrid --k --keep --length-balance --max-length --min-chosen --min-margin --no-system --output --quantile --quiet --rm --rubric --scale --scorer-batch-size --scorer-device --scorer-max-length --seed --shard --strategy --threshold --tokenizer --transform --user --verbose -o -q -v; else _files; fi ;;
     "schema") if [[ $cur == -* ]]; then compadd -- --config --quiet --verbose -q -v; else _files; fi ;;
     "score") if [[ $cur == -* ]]; then compadd -- --aggregate --allow-pickle --batch-size --calibrate --chunk --config --device --dtype --hybrid --max-length --output --quiet --rubric --scorer --scorer-batch-size --scorer-device --scorer-max-length --shard --tokenizer --transform --trust-remote-code --user --verbose --weights -o -q -s -v; else _files; fi ;;
-    "train-policy") if [[ $cur == -* ]]; then compadd -- --aggregate --allow-pickle --alpha --batch-size --beta --calibrate --clip --config --dtype --entropy-quantile --entropy-scope --entropy-threshold --epochs --epsilon --epsilon-high --force --grad-accum --gradient-checkpointing --grao-lambda --hybrid --importance-sampling --label-smoothing --list-methods --logging-steps --lora-alpha --lora-dropout --lora-r --lora-targets --loss --loss-weights --lr --mask-truncated --max-length --max-new-tokens --max-steps --merge-lora --method --model --no-record-ref --no-ref-cache --num-generations --opt --output --quiet --ref-model --report-to --resume --reward --reward-weights --rubric --sample-every --save-steps --scale-rewards --scorer-batch-size --scorer-device --scorer-max-length --seed --seppo-max-snapshots --seppo-snapshot-every --sft-weight --simpo-gamma --temperature --tokenizer --transform --trust-remote-code --user --verbose --warmup-ratio -m -o -q -v; else _files; fi ;;
+    "train-policy") if [[ $cur == -* ]]; then compadd -- --aggregate --allow-pickle --alpha --batch-size --beta --calibrate --clip --config --dtype --engine --entropy-quantile --entropy-scope --entropy-threshold --epochs --epsilon --epsilon-high --force --grad-accum --gradient-checkpointing --grao-lambda --hybrid --importance-sampling --label-smoothing --list-methods --logging-steps --lora-alpha --lora-dropout --lora-r --lora-targets --loss --loss-weights --lr --mask-truncated --max-length --max-new-tokens --max-steps --merge-lora --method --model --no-record-ref --no-ref-cache --num-generations --opt --output --quiet --ref-model --report-to --resume --reward --reward-weights --rubric --sample-every --save-steps --scale-rewards --scorer-batch-size --scorer-device --scorer-max-length --seed --seppo-max-snapshots --seppo-snapshot-every --sft-weight --simpo-gamma --sync-every --temperature --tokenizer --transform --trust-remote-code --user --verbose --warmup-ratio -m -o -q -v; else _files; fi ;;
     "train-rm") if [[ $cur == -* ]]; then compadd -- --adapt-users --batch-size --center-rewards --config --curriculum --dtype --em-iters --epochs --eval-pairs --eval-split --force --grad-accum --gradient-checkpointing --head-lr --k --list-methods --logging-steps --lora-alpha --lora-dropout --lora-r --lora-targets --lr --margin --max-length --max-steps --merge-lora --method --model --no-curriculum --noise-rate --output --pal-dim --quiet --report-to --resume --save-steps --seed --user-lr --verbose --warmup-ratio -m -o -q -v; else _files; fi ;;
     *) _files ;;
   esac

@@ -77,6 +77,12 @@ def test_loader_reads_peft_adapter(tmp_path, tiny_model):
         got = model(input_ids=ids).logits
     assert torch.allclose(got, want, atol=1e-5)
     assert tok.eos_token == "<|im_end|>"
+    # merged (for sampling): a plain model with the adapter folded in, the same logits
+    merged, _ = load_causal_lm(adapter, "float32", merged=True)
+    assert not hasattr(merged, "peft_config")
+    assert not any("lora_" in n for n, _ in merged.named_parameters())
+    with torch.no_grad():
+        assert torch.allclose(merged(input_ids=ids).logits, want, atol=1e-5)
 
 
 def test_models_list_and_pull_tiny(cli, alignkit_home):

@@ -161,9 +161,10 @@ def _load_models(cfg: DistillConfig, opts, kwargs: dict, work: Path):
     spec = cfg.student or str(build_student(cfg.student_config, cfg.teacher,
                                             work / "student-init", opts.seed))
     student, _ = load_causal_lm(spec, opts.dtype, trainable_adapter=True, **load_kw)
-    teachers = {"teacher": load_causal_lm(cfg.teacher, opts.dtype, **load_kw)[0]}
+    teachers = {"teacher": load_causal_lm(cfg.teacher, opts.dtype, merged=True, **load_kw)[0]}
     if cfg.teacher_ref:
-        teachers["teacher_ref"] = load_causal_lm(cfg.teacher_ref, opts.dtype, **load_kw)[0]
+        teachers["teacher_ref"] = load_causal_lm(cfg.teacher_ref, opts.dtype, merged=True,
+                                                 **load_kw)[0]
     return spec, student, teachers
 
 

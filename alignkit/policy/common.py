@@ -148,7 +148,7 @@ def load_reference(spec: str, run: PolicyRun):
     from ..models import load_causal_lm
     weights, _ = resolve_dtypes(run.opts)
     return load_causal_lm(spec, weights, allow_pickle=run.allow_pickle,
-                          trust_remote_code=run.trust_remote_code)
+                          trust_remote_code=run.trust_remote_code, merged=True)
 
 
 # --- the TRL config ---------------------------------------------------------------------------
