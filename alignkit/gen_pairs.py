@@ -456,7 +456,7 @@ def run_gen_pairs(input_path: str, output: str, opts: GenPairsOptions,
     if done:
         console.info(f"--resume-from: {len(wanted & done)} prompt(s) already done, {len(todo)} to go")
     pipe = _Pipeline(opts) if todo else None
-    chunk = chunk_prompts or max(opts.params.batch_size * 8, 64)
+    chunk = chunk_prompts or max(opts.params.batch_size * 4, 64)
     copied = written = 0
     t_sample = 0.0
     try:

@@ -173,9 +173,7 @@ def trainer_kwargs(opts: TrainOptions, work: Path) -> dict:
         report_to=report_to(opts),
         run_name=work.name.removesuffix(".partial"),
         disable_tqdm=True,
-        # transformers 5 renamed it; the old name (TRL configs default it to True) warns.
-        activation_checkpointing=opts.gradient_checkpointing,
-        gradient_checkpointing=None,
+        **_checkpointing_kwargs(opts.gradient_checkpointing),
         use_cpu=not torch.cuda.is_available(),
         dataloader_num_workers=0,
         remove_unused_columns=False,
@@ -183,6 +181,18 @@ def trainer_kwargs(opts: TrainOptions, work: Path) -> dict:
         lr_scheduler_type="linear",
         save_only_model=False,
     )
+
+
+def _checkpointing_kwargs(on: bool) -> dict:
+    """Activation checkpointing under the name this transformers has: newer 5.x releases
+    renamed `gradient_checkpointing` (the old name, which TRL configs default to True,
+    then warns); 5.19, which vLLM's CPU build pins, has only the old one."""
+    import dataclasses
+
+    from transformers import TrainingArguments
+    if "activation_checkpointing" in {f.name for f in dataclasses.fields(TrainingArguments)}:
+        return {"activation_checkpointing": on, "gradient_checkpointing": None}
+    return {"gradient_checkpointing": on}
 
 
 def lora_config(opts: TrainOptions, task_type: str = "CAUSAL_LM"):

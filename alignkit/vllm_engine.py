@@ -301,14 +301,35 @@ class VllmEngine:
     # --- weight updates -----------------------------------------------------------------
 
     def load_weights(self, named_tensors) -> None:
-        """Load (name, tensor) pairs, named as in the model's folder (a full set or any
-        part of it), into the engine's model, then drop the prefix cache (its KV blocks
-        were computed with the old weights). `train-policy --engine vllm` pushes the
-        policy's weights this way (`alignkit.policy.weight_sync`)."""
-        weights = list(named_tensors)
-        if not weights:
-            return
-        self.llm.apply_model(lambda model: model.load_weights(weights))
+        """Replace the engine's weights by (name, tensor) pairs named as in the model's
+        folder (the full set: every tensor of the checkpoint), then drop the prefix
+        cache (its KV blocks were computed with the old weights). `train-policy
+        --engine vllm` pushes the policy's weights this way (`alignkit.policy.weight_sync`).
+
+        vLLM's in-place reload (`reload_weights`, checkpoint format), not a bare
+        `model.load_weights`: after loading, vLLM processes some layers' weights for its
+        kernels (its CPU build repacks every linear weight for oneDNN and drops the
+        original), and the reload redoes that processing layer by layer. With the engine
+        in this process (vLLM's CPU build here) the pairs are consumed one at a time;
+        with engine processes (vLLM's default on a GPU) they are sent as one list.
+
+        On the CPU, each embedding and LM head also keeps a packed copy of its weight for
+        the GEMM kernel, made when the layer is processed; a tied LM head (the weight of
+        embed_tokens) is not a layer the reload loads, so its copy would keep the old
+        weights: every embedding layer's copy is made again here."""
+        from vllm.platforms import current_platform
+        in_process = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == "0"
+        weights = iter(named_tensors) if in_process else list(named_tensors)
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights,
+                                                          "is_checkpoint_format": True})
+        if current_platform.is_cpu():
+            def repack(model):
+                from vllm.model_executor.layers.vocab_parallel_embedding import (
+                    UnquantizedEmbeddingMethod)
+                for m in model.modules():
+                    if isinstance(getattr(m, "quant_method", None), UnquantizedEmbeddingMethod):
+                        m.quant_method.process_weights_after_loading(m)
+            self.llm.apply_model(repack)
         self.llm.reset_prefix_cache()
 
 

@@ -42,7 +42,7 @@ VLLM_PYTHON = ROOT / ".venv-vllm" / "bin" / "python"
 
 DEFAULT = {"model": "smollm2-135m-instruct", "dtype": "bfloat16", "prompts": 320,
            "generate_prompts": 32, "n": 4, "max_new_tokens": 112, "temperature": 0.9,
-           "top_p": 1.0, "batch_size": 16, "seed": 0, "threads": 0}
+           "top_p": 1.0, "batch_size": 32, "seed": 0, "threads": 0}
 QUICK = {**DEFAULT, "prompts": 32, "generate_prompts": 8, "max_new_tokens": 48}
 
 

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import typer
 
-from alignkit.engines import EngineOptions  # light: a dataclass
+from alignkit.engines import EngineOptions  # light: dataclasses
+from alignkit.generation import SampleParams
 
 from ._common import (allow_pickle_opt, dtype_opt, input_arg, output_opt, seed_opt,
                       shard_opt, trust_remote_code_opt, with_params)
@@ -18,12 +19,15 @@ def gen_pairs(
     num_samples: int = typer.Option(None, "--num-samples", "-n",
                                     help="Completions per prompt (default 4; 1 in pairing modes, "
                                          "where each sample makes one pair)."),
-    temperature: float = typer.Option(0.7, "--temperature", help="Sampling temperature (0: greedy)."),
-    top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling mass (1: off)."),
-    top_k: int = typer.Option(0, "--top-k", help="Keep the k most likely tokens (0: off)."),
-    max_new_tokens: int = typer.Option(128, "--max-new-tokens", help="Tokens per completion, at most."),
+    temperature: float = typer.Option(SampleParams.temperature, "--temperature", help="Sampling temperature (0: greedy)."),
+    top_p: float = typer.Option(SampleParams.top_p, "--top-p", help="Nucleus sampling mass (1: off)."),
+    top_k: int = typer.Option(SampleParams.top_k, "--top-k", help="Keep the k most likely tokens (0: off)."),
+    max_new_tokens: int = typer.Option(SampleParams.max_new_tokens, "--max-new-tokens", help="Tokens per completion, at most."),
     seed: int = seed_opt(),
-    batch_size: int = typer.Option(8, "--batch-size", help="Prompts per batch (each expanded to N rows)."),
+    batch_size: int = typer.Option(SampleParams.batch_size, "--batch-size", min=1,
+                                   help="Prompts decoded at once (each N rows; a finished "
+                                        "prompt's rows take the next prompt). Lower it for "
+                                        "big models on little memory."),
     dtype: str = dtype_opt(),
     system: str = typer.Option(None, "--system", help="System message for string prompts."),
     raw: bool = typer.Option(False, "--raw", help="Use string prompts as raw text (no chat template)."),
@@ -69,7 +73,6 @@ def gen_pairs(
     Example:  alignkit gen-pairs prompts.jsonl -m smollm2-135m-instruct -n 4 -o s.jsonl
     """
     from alignkit.gen_pairs import GenPairsOptions, run_gen_pairs
-    from alignkit.generation import SampleParams
     from alignkit.io import parse_shard
 
     pairing = bool(pair_with_reference or contrast_prompt)

@@ -612,6 +612,20 @@ def test_vllm_missing_is_clear_usage_error(cli, tiny_model, tmp_path):
     assert r.code == 2 and "vLLM, which is not installed" in r.err and "alignkit[vllm]" in r.err
     r = _gen(cli, tiny_model, src, "--engine", "vllm", "--contrast-prompt", "ctx")
     assert r.code == 2
+    r = _gen(cli, tiny_model, src, "--engine", "ray-vllm", "--replicas", "2")
+    assert r.code == 2 and "--engine ray-vllm needs vLLM" in r.err
+    out = tmp_path / "e.jsonl"
+    r = cli(["eval", src, "--model", tiny_model, "--engine", "ray-vllm", "--samples-out", out])
+    assert r.code == 2 and "--engine ray-vllm needs vLLM" in r.err and not out.exists()
+
+
+def test_replicas_need_ray_vllm(cli, tiny_model, tmp_path):
+    src = write_jsonl(tmp_path / "p.jsonl", PROMPTS[:1])
+    for cmd in (["gen-pairs", src, "--model", tiny_model], ["eval", src, "--model", tiny_model]):
+        r = cli([*cmd, "--replicas", "2"])
+        assert r.code == 2 and "--replicas needs --engine ray-vllm" in r.err, r.err
+        r = cli([*cmd, "--engine", "ray-vllm", "--replicas", "0"])
+        assert r.code == 2 and "--replicas" in r.err, r.err
 
 
 def test_options_defaults():

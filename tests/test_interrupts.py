@@ -33,7 +33,7 @@ def _max_diff(a: dict, b: dict) -> float:
     return max(float((a[k].double() - b[k].double()).abs().max()) for k in a)
 
 
-def _kill_loop(tmp_path: Path, args: list[str], steps: int, trials: int = 3, seed: int = 0) -> None:
+def _kill_loop(tmp_path: Path, args: list[str], steps: int, trials: int = 2, seed: int = 0) -> None:
     """Kill each trial once its k-th checkpoint appears (k random), after a random extra
     delay, so kills land mid-training, mid-checkpoint or in the final save."""
     ref = tmp_path / "ref"

@@ -54,6 +54,25 @@ Defaults and readings (ALGORITHMS.md marks these UNVERIFIED where noted):
   mixture_coef; the paper's is UNVERIFIED). For ipo-md, `kl_ref` is measured on the
   mixture samples.
 - Log-probabilities in the losses are TRL's, at the sampling temperature (default 1).
+
+Sampling engine (`--engine`, every online method but ipo-md): `hf` (the default) samples
+with `alignkit.generation.sample` on the policy itself. `vllm` builds one `VllmEngine`
+(alignkit/vllm_engine.py, the engine of `gen-pairs --engine vllm`) over the policy's
+initial full model folder (`--model`; with `--lora-r` the base the adapter is trained
+on; an adapter folder is refused: merge it first) and samples there. The engine holds
+its own copy of the weights: before sampling at every step that is a multiple of
+`--sync-every` K (default 1; the first sampling always) the policy's current full
+weights are pushed into it (`weight_sync.sync_to_engine`: a LoRA adapter folded into the
+base weights beside the model, which is not touched). With K > 1 the samples come from
+weights up to K-1 optimizer steps old, so training is slightly off-policy (the losses'
+log-probabilities are still the policy's own, as with TRL's vLLM mode without its
+importance-sampling correction). `logp` in samples.jsonl, and the policy side of `kl_ref`,
+is the engine's (the weights that sampled); `logp_ref` is still teacher-forced by the
+HF reference. Refused with exit 2: ipo-md (its sampler draws from the geometric
+mixture with the reference, which vLLM cannot), more than one process (`accelerate
+launch` with several processes: one engine per process is not supported), vLLM not
+installed, `--sync-every` without `--engine vllm`. The engine is closed when training
+ends, fails or is interrupted.
 """
 from __future__ import annotations
 
@@ -102,8 +121,16 @@ CLIP = Param("clip", str, "pair", "P3O's clip: pair (joint, on the log-ratio dif
              "token.", choices=("pair", "token"))
 ALPHA = Param("alpha", float, 0.5, "Reference weight of the sampling mixture.", low=0.0,
               high=1.0)
+ENGINE = Param("engine", str, "hf", "Sampling engine: hf = alignkit's sampler on the policy; "
+               "vllm = one vLLM engine in this process holding a copy of the policy's weights, "
+               "refreshed every --sync-every steps (one process only; not ipo-md).",
+               choices=("hf", "vllm"))
+SYNC_EVERY = Param("sync_every", int, 1, "--engine vllm: push the policy's weights to the "
+                   "engine before sampling at every step that is a multiple of N (the first "
+                   "sampling always gets them); with N > 1 samples come from weights up to "
+                   "N-1 steps old (slightly off-policy).", low=1)
 
-ONLINE = (MAX_NEW_TOKENS, TEMPERATURE, SAMPLE_EVERY)
+ONLINE = (MAX_NEW_TOKENS, TEMPERATURE, SAMPLE_EVERY, ENGINE, SYNC_EVERY)
 GRPO = (LOSS, SCALE_REWARDS, NUM_GENERATIONS, EPSILON, EPSILON_HIGH, IMPORTANCE_SAMPLING,
         MASK_TRUNCATED)
 
@@ -155,6 +182,35 @@ _online("online-ipo", "online IPO: two policy samples per prompt labelled by the
 _online("ipo-md", "IPO-MD: online IPO on samples from the geometric mixture with the reference "
         "(--alpha)", params=(ALPHA,), default_beta=0.1, needs_ref=True, trainer="PairTrainer",
         pair_loss="ipo", mixture=True)
+
+
+def check_engine(run: PolicyRun) -> None:
+    """--engine / --sync-every: what the vLLM engine cannot do is a UsageError, before any
+    model is loaded."""
+    engine, every = run.options["engine"], run.options["sync_every"]
+    if engine != "vllm":
+        if every != SYNC_EVERY.default:
+            raise UsageError("--sync-every needs --engine vllm (the hf engine samples from the "
+                             "policy itself)")
+        return
+    m = run.method
+    if m.mixture:
+        raise UsageError(f"--engine vllm cannot sample for {m.name}: it draws from the geometric "
+                         "mixture of the policy and the reference, which needs both models in "
+                         "the sampler; use --engine hf")
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if world > 1:
+        raise UsageError(f"--engine vllm runs one engine in one process; this run has {world} "
+                         "processes (accelerate launch): launch one process or use --engine hf")
+    from ..vllm_engine import INSTALL_HINT, vllm_available
+    if not vllm_available():
+        raise UsageError(INSTALL_HINT)
+    from ..models import adapter_base, resolve
+    folder = resolve(run.model)
+    if adapter_base(folder):
+        raise UsageError(f"{run.model}: --engine vllm needs a full model folder to start the "
+                         "engine from, and this is a PEFT adapter; merge it first (`alignkit "
+                         "merge-soup`, or train it with --merge-lora) or use --engine hf")
 
 
 def reward_specs(values: list[str] | None) -> list[str]:
@@ -267,15 +323,12 @@ def _prompt_rows(data: Data, tok, max_new_tokens: int, max_length: int) -> tuple
 @quiet
 def train_online(run: PolicyRun) -> Path:
     """grpo, gtpo, earl, rloo, p3o, online-ipo, ipo-md (see the module docstring)."""
-    from datasets import Dataset
-
-    from ..models import load_tokenizer, model_sha256
+    from ..models import load_tokenizer
     from ..scorers.options import ScorerOptions
-    from ..training import lora_config, prepare_run
-    from . import online_trainers
-    m, opts, data = run.method, run.opts, run.data
+    opts, data = run.opts, run.data
     started = time.time()
     p = plan(run)
+    check_engine(run)
     config_cls = import_attr(p.config)
     config_overrides(config_cls, run)
     specs = reward_specs(run.rewards)
@@ -287,12 +340,48 @@ def train_online(run: PolicyRun) -> Path:
     _check_rules(data, scorer)
     tok = load_tokenizer(run.model, run.trust_remote_code)
     rows, dropped = _prompt_rows(data, tok, p.fields["max_completion_length"], opts.max_length)
-    sample_every = run.options["sample_every"]
     for key in ("min_p", "repetition_penalty", "use_vllm"):
         if key in run.config:
-            raise UsageError(f"--opt {key}: online methods sample with alignkit's sampler, "
-                             "which has no such setting")
+            raise UsageError(f"--opt {key}: online methods sample with alignkit's sampler "
+                             "(--engine hf|vllm), which has no such setting")
+    engine = None
+    if run.options["engine"] == "vllm":  # before the policy loads: vLLM seeds the global RNGs
+        from ..vllm_engine import VllmEngine
+        engine = VllmEngine(str(run.model), tok, dtype=opts.dtype, seed=opts.seed,
+                            trust_remote_code=run.trust_remote_code)
+    try:  # closed however training ends (done, failed, interrupted)
+        return _train(run, p, config_cls, scorer, scoring, specs, tok, (rows, dropped),
+                      engine, started)
+    finally:
+        if engine is not None:
+            engine.close()
 
+
+def _close_at_train_end(engine):
+    """A callback closing the engine when training ends, before `finish` writes the folder
+    and tears the process group down (vLLM's own groups live in it; closed after that,
+    the engine leaves vLLM's state half torn down and the next engine in the process
+    fails to start). `train_online` closes it again (a no-op) on every way out."""
+    from transformers import TrainerCallback
+
+    class CloseEngine(TrainerCallback):
+        def on_train_end(self, args, state, control, **kwargs):
+            engine.close()
+
+    return CloseEngine()
+
+
+def _train(run: PolicyRun, p: Plan, config_cls, scorer, scoring, specs: list[str], tok,
+           prompt_rows: tuple[list[dict], int], engine, started: float) -> Path:
+    """train_online after the checks: load the models, build the trainer, train, write."""
+    from datasets import Dataset
+
+    from ..models import model_sha256
+    from ..training import lora_config, prepare_run
+    from . import online_trainers
+    m, opts, data = run.method, run.opts, run.data
+    rows, dropped = prompt_rows
+    sample_every, sync_every = run.options["sample_every"], run.options["sync_every"]
     work = prepare_run(run.out, opts)
     model, tok = load_policy(run)
     ref_spec = run.ref_model or run.model
@@ -307,21 +396,25 @@ def train_online(run: PolicyRun) -> Path:
         raise UsageError(str(e)) from None
     ctx = online_trainers.OnlineContext(
         records=data.records, tokenizer=tok, work=work, seed=opts.seed, sample_every=sample_every,
-        alpha=p.alpha, resumed=opts.resume,
+        alpha=p.alpha, resumed=opts.resume, engine=engine, sync_every=sync_every,
         gen={"model": str(run.out), "base": str(run.model), "method": m.name,
              "temperature": cfg.temperature, "top_p": cfg.top_p,
-             "max_new_tokens": cfg.max_completion_length, "seed": opts.seed})
+             "max_new_tokens": cfg.max_completion_length, "seed": opts.seed,
+             **({"engine": "vllm", "sync_every": sync_every} if engine is not None else {})})
     trainer = import_attr(p.trainer)(
         model=model, reward_funcs=[_reward_fn(scorer, data.records)], args=cfg,
         train_dataset=Dataset.from_list(rows), processing_class=tok,
         peft_config=lora_config(opts), ctx=ctx, ref_model=ref, **p.kwargs)
     del ref
+    if engine is not None:
+        trainer.add_callback(_close_at_train_end(engine))
     reference = {"spec": str(ref_spec), "sha256": model_sha256(ref_spec),
                  "kind": "folder" if run.ref_model else
                  ("base (adapter disabled)" if trainer.ref_model is None else "base")}
     hp = hparams(run, p.beta, rewards=specs, reward_weights=run.reward_weights,
                  hybrid=bool(scoring.hybrid), calibrate=scoring.calibrate,
-                 transform=scoring.transform, sample_every=sample_every,
+                 transform=scoring.transform, sample_every=sample_every, engine=run.options["engine"],
+                 **({"sync_every": sync_every} if engine is not None else {}),
                  aggregate=scoring.aggregate or "min (the maxmin default)", **p.hparams)
     counts = {"records": len(data.records), "prompts": len(rows), "dropped": dropped}
     return finish(trainer, run, work, tok, started, hp, reference, counts)

@@ -3,7 +3,15 @@ sampler, plus GRPOTrainer subclasses for the losses TRL lacks.
 
 - `OnlineMixin` (every online trainer): completions come from `alignkit.generation.sample`
   (the chat-template prompt encoding of gen-pairs and eval, per-sample random streams
-  keyed by (seed, step, process)), not from `model.generate`; it logs `kl_ref`, the
+  keyed by (seed, step, process)), not from `model.generate`, or, with `--engine vllm`
+  (`OnlineContext.engine`), from a `VllmEngine` with the same prompt encoding and
+  per-sample seeds. The engine samples from its own copy of the weights: before
+  sampling at every step that is a multiple of `sync_every` (and at the first sampling)
+  the policy's full weights are pushed into it (`weight_sync.sync_to_engine`), so with
+  sync_every K > 1 the samples lag the policy by up to K-1 steps (slightly off-policy),
+  and their `logp` is the engine's; `logp_ref` is then teacher-forced by the HF
+  reference (`generation.token_logps`), as with LoRA on the HF engine. One process only.
+  It logs `kl_ref`, the
   sequence-level log-ratio mean_i [log πθ(y_i) − log πref(y_i)] of the sampled
   completions (temperature 1; an estimate of KL(πθ‖πref) when sampling at
   temperature 1 from the policy), and every `sample_every` steps writes the sampled
@@ -38,6 +46,7 @@ from trl import GRPOTrainer, RLOOTrainer
 from trl.models import prepare_deepspeed, prepare_fsdp, unwrap_model_for_generation
 from trl.trainer.utils import add_fused_lm_head, disable_dropout_in_model, split_tensor_dict, use_adapter
 
+from ..errors import UsageError
 from ..generation import SampleParams, encode_prompt, sample, token_logps
 from ..io import dumps
 from ..records import Text
@@ -58,6 +67,8 @@ class OnlineContext:
     alpha: float = 0.0                 # ipo-md mixture weight of the reference
     gen: dict = field(default_factory=dict)
     resumed: bool = False
+    engine: Any = None                 # a VllmEngine (--engine vllm), else None: the HF sampler
+    sync_every: int = 1                # push the weights to `engine` at steps % sync_every == 0
     _ids: dict = field(default_factory=dict)
 
     def encode(self, rendered: str) -> list[int]:
@@ -99,6 +110,11 @@ class OnlineMixin:
         self._ak = ctx
         self._ak_rows: list[dict] = []
         self._ak_rewards = None
+        self._ak_synced_step: int | None = None  # the step whose weights the engine holds
+        if ctx.engine is not None and self.accelerator.num_processes > 1:
+            raise UsageError("--engine vllm runs one engine in one process; this run has "
+                             f"{self.accelerator.num_processes} processes: launch one process "
+                             "or use --engine hf")
         if ref_model is not None:
             add_fused_lm_head(ref_model, temperature=self.temperature)
             if self.args.disable_dropout:
@@ -150,23 +166,43 @@ class OnlineMixin:
         params = SampleParams(n=n, temperature=self.temperature, top_p=self.top_p,
                               top_k=int(self.top_k or 0), max_new_tokens=self.max_completion_length,
                               seed=self._ak_step_seed(), batch_size=max(1, len(unique)))
+        keys = [str(i) for i in range(len(unique))]
+        engine = self._ak.engine
         ref = self.accelerator.unwrap_model(self.ref_model) if self.ref_model is not None else None
         with unwrap_model_for_generation(
                 self.model_wrapped, self.accelerator,
                 gather_deepspeed3_params=self.args.ds3_gather_for_generation) as model:
-            groups = sample(model, self._ak.tokenizer, unique, params, raw=True, ref_model=ref,
-                            alpha=self._ak.alpha, keys=[str(i) for i in range(len(unique))],
-                            return_ids=True, progress=_NullTask())
+            if engine is not None:
+                self._ak_sync(model)
+                groups = engine.sample(unique, params, raw=True, keys=keys)
+            else:
+                groups = sample(model, self._ak.tokenizer, unique, params, raw=True, ref_model=ref,
+                                alpha=self._ak.alpha, keys=keys, return_ids=True,
+                                progress=_NullTask())
             rows = [row for group in groups for row in group]
-            if ref is None:  # LoRA: the base is the model with its adapter disabled
+            if ref is None or engine is not None:
+                # teacher-forced reference log-probs: the HF sampler gives them with a
+                # separate reference; LoRA's reference is the model, adapter disabled
                 with self._ak_ref_context():
-                    per = token_logps(model, [(prompt_ids[i], r["token_ids"]) for i, r in enumerate(rows)],
+                    per = token_logps(ref if ref is not None else model,
+                                      [(prompt_ids[i], r["token_ids"]) for i, r in enumerate(rows)],
                                       batch_size=max(1, len(rows)),
                                       pad_id=self._ak.tokenizer.pad_token_id or 0)
                 for r, lp in zip(rows, per):
                     r["logp_ref"] = float(sum(lp))
         self._ak_rows = rows
         return [r["token_ids"] for r in rows]
+
+    def _ak_sync(self, model) -> None:
+        """--engine vllm: push the policy's weights into the engine at the first sampling
+        and at every later step that is a multiple of sync_every (once per step)."""
+        from .weight_sync import sync_to_engine
+        step, last = self.state.global_step, self._ak_synced_step
+        if last is None or (step != last and step % self._ak.sync_every == 0):
+            sync_to_engine(model, self._ak.engine)
+            self._ak_synced_step = last = step
+        if self.model.training:
+            self._metrics["train"]["engine/weights_age"].append(float(step - last))
 
     # --- rewards, kl_ref, samples.jsonl ----------------------------------------------------
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
