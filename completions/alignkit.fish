@@ -214,6 +214,7 @@ complete -c alignkit -n '__fish_seen_subcommand_from relabel' -l calibrate -r
 complete -c alignkit -n '__fish_seen_subcommand_from relabel' -l config -r
 complete -c alignkit -n '__fish_seen_subcommand_from relabel' -l dedupe
 complete -c alignkit -n '__fish_seen_subcommand_from relabel' -l dtype -r
+complete -c alignkit -n '__fish_seen_subcommand_from relabel' -l finished-only
 complete -c alignkit -n '__fish_seen_subcommand_from relabel' -l hybrid
 complete -c alignkit -n '__fish_seen_subcommand_from relabel' -l k -r
 complete -c alignkit -n '__fish_seen_subcommand_from relabel' -l keep -r

@@ -59,6 +59,21 @@ def test_demo_tiny_chain(tmp_path):
     assert "train-policy" in p3.stdout and "eval --model" in p3.stdout
     assert "gen-pairs" not in p3.stdout and "score --scorer" not in p3.stdout
     assert "relabel" not in p3.stdout
+    # ROUNDS=2: round 2 samples the next prompts from round 1's model, trains on from it,
+    # and the evaluation compares round 2's model with the base
+    p4 = subprocess.run(["make", "-C", str(ROOT / "examples"), "demo-tiny", f"OUT={out}",
+                         f"ALIGNKIT={ALIGNKIT}", "BETA=0.3", "ROUNDS=2"], capture_output=True,
+                        text=True, env=env, timeout=600)
+    assert p4.returncode == 0, p4.stdout[-3000:] + p4.stderr[-3000:]
+    r2 = out / "round-2"
+    first = [json.loads(x)["id"] for x in (out / "train-prompts.jsonl").read_text().splitlines()]
+    second = [json.loads(x)["id"] for x in (r2 / "train-prompts.jsonl").read_text().splitlines()]
+    assert len(second) == len(first) == 16 and not set(first) & set(second)
+    assert f"gen-pairs --model {out}/aligned " in p4.stdout
+    assert f"--model {out}/aligned {r2}/pairs.jsonl -o {r2}/aligned" in p4.stdout
+    assert f"eval --model {r2}/aligned --baseline" in p4.stdout
+    assert "--samples-out" not in p4.stdout  # the base evals are kept
+    assert json.loads((out / "metrics.json").read_text())["models"]
 
 
 def _refresh(root: Path, cmd: str):

@@ -142,6 +142,27 @@ def test_min_chosen_keeps_only_pairs_whose_chosen_reaches_the_bar(cli, tmp_path)
         assert res.code == 2 and "--min-chosen" in res.err
 
 
+def test_finished_only_pairs_only_completions_that_ended(cli, tmp_path):
+    """A cut sample (finished: false) is neither chosen nor rejected with --finished-only;
+    a record whose every sample was cut gives no pair; without it the cut one is rejected."""
+    rec = scored("x", [1.0, 0.0, 0.5], texts=["good", "cut", "fair"])
+    rec["completions"][1]["finished"] = False
+    rec["completions"][0]["finished"] = True
+    allcut = scored("y", [1.0, 0.0])
+    for c in allcut["completions"]:
+        c["finished"] = False
+    r = Relabeler("best-worst", RelabelOptions(finished_only=True))
+    out = list(r.run([rec, allcut]))
+    assert [(p["chosen"], p["rejected"]) for p in out] == [("good", "fair")]
+    assert r.summary["cut completions"] == 3 and r.summary["records with every completion cut"] == 1
+    assert [(p["chosen"], p["rejected"]) for p in Relabeler("best-worst", RelabelOptions()).run(
+        [rec])] == [("good", "cut")]
+    path = write_jsonl(tmp_path / "s.jsonl", [rec, allcut])
+    res = cli(["relabel", "--finished-only", path])
+    assert res.code == 0 and [p["rejected"] for p in res.records] == ["fair"]
+    assert "read 2 records" in res.err and "cut completions 3" in res.err
+
+
 def test_all_pairs():
     out = relabel([scored("s", [0.2, 0.8, 0.2, 0.5])], "all-pairs")
     assert [(p["id"], p["margin"]) for p in out] == [

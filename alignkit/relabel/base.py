@@ -46,6 +46,9 @@ class RelabelOptions:
                                           "pairs.", metavar="SHARE", low=0.0, high=1.0)
     dedupe: bool = opt(False, "Drop records whose content repeats an earlier one ((prompt, "
                        "chosen, rejected) for pairs).")
+    finished_only: bool = opt(False, "Use only completions that ended on EOS (a sample cut at "
+                              "--max-new-tokens, `finished: false`, is neither chosen nor "
+                              "rejected), so a pair contrasts the checks, not the cut.")
     seed: int = 0
     dtype: str = "auto"
     scoring: ScorerOptions = field(default_factory=ScorerOptions)

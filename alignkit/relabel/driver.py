@@ -126,8 +126,16 @@ class Relabeler:
 
         for item in records:
             rec, where = item if isinstance(item, tuple) else (item, (None, None))
-            batch.append((self._validated(rec, where), where))
+            rec = self._validated(rec, where)
             self.summary["_read"] += 1
+            if self.opts.finished_only and isinstance(rec.get("completions"), list):
+                kept = [c for c in rec["completions"] if c.get("finished") is not False]
+                self.summary["cut completions"] += len(rec["completions"]) - len(kept)
+                if not kept:
+                    self.summary["records with every completion cut"] += 1
+                    continue
+                rec = {**rec, "completions": kept}
+            batch.append((rec, where))
             if len(batch) >= self.batch_records:
                 yield from flush()
         if batch:
