@@ -103,11 +103,8 @@ class RayVllmEngine:
                  seed: int = 0, trust_remote_code: bool = False):
         if not ray_available():
             raise UsageError(RAY_HINT)
-        from .models import adapter_base, resolve
-        folder = resolve(model_spec)
-        if adapter_base(folder):
-            raise UsageError(f"{model_spec}: --engine ray-vllm takes a full model folder; merge "
-                             "the adapter first (train with --merge-lora) or use --engine hf")
+        from .vllm_engine import full_model_folder
+        folder = full_model_folder(model_spec, "ray-vllm")
         import ray
         self.tok, self.n = tokenizer, int(replicas)
         self._started = not ray.is_initialized()

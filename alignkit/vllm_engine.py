@@ -88,6 +88,17 @@ def available_gib() -> int:
         return 4
 
 
+def full_model_folder(model_spec: str, engine: str = "vllm") -> Path:
+    """The model folder a vLLM engine loads: a full model (an adapter is refused: vLLM
+    serves a merged model here)."""
+    from .models import adapter_base, resolve
+    folder = resolve(model_spec)
+    if adapter_base(folder):
+        raise UsageError(f"{model_spec}: --engine {engine} takes a full model folder; merge the "
+                         "adapter first (train with --merge-lora) or use --engine hf")
+    return folder
+
+
 def prepare_environment(extra: dict | None = None) -> bool:
     """Set alignkit's vLLM defaults (never overriding the user's) before vLLM is imported;
     returns whether vLLM runs on the CPU platform. `extra`: the ALIGNKIT_VLLM_ARGS."""
@@ -157,11 +168,7 @@ class VllmEngine:
                  trust_remote_code: bool = False):
         if not vllm_available():
             raise UsageError(INSTALL_HINT)
-        from .models import adapter_base, resolve
-        folder = resolve(model_spec)
-        if adapter_base(folder):
-            raise UsageError(f"{model_spec}: --engine vllm takes a full model folder; merge the "
-                             "adapter first (train with --merge-lora) or use --engine hf")
+        folder = full_model_folder(model_spec)
         self.tok = tokenizer
         self.stops = stop_token_ids(_GenCfg(folder), tokenizer)
         extra = extra_args()

@@ -123,6 +123,7 @@ def worker_alignkit(folder: str, cfg: dict) -> dict:
 def worker_vllm(folder: str, cfg: dict) -> dict:
     """vLLM's offline API as its documentation shows it (run in the engine venv)."""
     os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+    os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")  # stdout: the result
     os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{(os.cpu_count() or 1) - 1}")
     from transformers import AutoTokenizer
     from vllm import LLM, SamplingParams
@@ -130,9 +131,11 @@ def worker_vllm(folder: str, cfg: dict) -> dict:
     llm = LLM(model=folder, dtype=cfg["dtype"], seed=cfg["seed"])
     startup = time.perf_counter() - t0
     tok = AutoTokenizer.from_pretrained(folder)
-    prompts = [{"prompt_token_ids": tok.apply_chat_template(
-        [{"role": "user", "content": r["prompt"]}], add_generation_prompt=True, tokenize=True)}
-        for r in _prompts(cfg["prompts"])]
+    # the chat template as text, then its tokens (transformers 5's tokenize=True returns
+    # a dict, which vLLM does not take as token ids)
+    prompts = [{"prompt_token_ids": tok(tok.apply_chat_template(
+        [{"role": "user", "content": r["prompt"]}], add_generation_prompt=True, tokenize=False),
+        add_special_tokens=False)["input_ids"]} for r in _prompts(cfg["prompts"])]
     sp = SamplingParams(n=cfg["n"], temperature=cfg["temperature"], top_p=cfg["top_p"],
                         max_tokens=cfg["max_new_tokens"])
     llm.generate(prompts[:1], SamplingParams(max_tokens=2))  # warm-up
@@ -159,7 +162,8 @@ def _child(side: str, folder: str, cfg: dict) -> dict | None:
     if p.returncode != 0:
         print(f"{side} failed:\n{p.stderr[-3000:]}", file=sys.stderr)
         return {"error": p.stderr.strip().splitlines()[-1] if p.stderr.strip() else "failed"}
-    return json.loads(p.stdout.strip().splitlines()[-1])
+    lines = [x for x in p.stdout.splitlines() if x.startswith("{")]  # engines may log there
+    return json.loads(lines[-1])
 
 
 def _n_params(folder: Path) -> int:

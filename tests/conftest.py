@@ -99,3 +99,13 @@ def cli(monkeypatch):
 def write_jsonl(path: Path, records) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
     return path
+
+
+@pytest.fixture(scope="session")
+def vtiny(tmp_path_factory) -> Path:
+    """A tiny random Llama whose head size (32) vLLM's CPU attention supports (the
+    `tiny_model` fixture's 16 it does not): the engine tests' model."""
+    from alignkit.models import build_tiny
+    out = tmp_path_factory.mktemp("vtiny") / "m"
+    out.mkdir()
+    return build_tiny(out, seed=0, hidden=64, heads=2)

@@ -53,14 +53,6 @@ def run(args) -> int:
 
 
 @pytest.fixture(scope="module")
-def vtiny(tmp_path_factory) -> Path:
-    from alignkit.models import build_tiny
-    out = tmp_path_factory.mktemp("vtiny") / "m"
-    out.mkdir()
-    return build_tiny(out, seed=0, hidden=64, heads=2)
-
-
-@pytest.fixture(scope="module")
 def env(tmp_path_factory):
     d = tmp_path_factory.mktemp("online_vllm")
     (d / "rew.py").write_text(REWARD)

@@ -48,15 +48,6 @@ def run(*args) -> int:
 
 
 @pytest.fixture(scope="module")
-def vtiny(tmp_path_factory) -> Path:
-    """A tiny random Llama whose head size (32) vLLM's CPU attention supports."""
-    from alignkit.models import build_tiny
-    out = tmp_path_factory.mktemp("rtiny") / "m"
-    out.mkdir()
-    return build_tiny(out, seed=0, hidden=64, heads=2)
-
-
-@pytest.fixture(scope="module")
 def ray_cluster(tmp_path_factory):
     """A local two-CPU Ray cluster, reached through RAY_ADDRESS; stopped afterwards."""
     ray_bin = str(Path(sys.executable).with_name("ray"))

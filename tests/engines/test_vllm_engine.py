@@ -64,15 +64,6 @@ def gen(*args) -> int:
 
 
 @pytest.fixture(scope="module")
-def vtiny(tmp_path_factory) -> Path:
-    """A tiny random Llama whose head size (32) vLLM's CPU attention supports."""
-    from alignkit.models import build_tiny
-    out = tmp_path_factory.mktemp("vtiny") / "m"
-    out.mkdir()
-    return build_tiny(out, seed=0, hidden=64, heads=2)
-
-
-@pytest.fixture(scope="module")
 def smollm2():
     from alignkit.models import pull
     home = os.environ.get("ALIGNKIT_TEST_REAL_HOME") or Path.home() / ".cache" / "alignkit"
