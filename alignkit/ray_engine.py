@@ -125,9 +125,10 @@ class RayVllmEngine:
 
     def _start(self, folder, dtype: str, seed: int, trust_remote_code: bool) -> None:
         import ray
-        from .vllm_engine import available_gib, cpu_list, extra_args, usable_cpus
+        from .vllm_engine import cpu_list, extra_args, kv_cache_space, usable_cpus
         res = ray.cluster_resources()
-        tp = int(extra_args().get("tensor_parallel_size", 1))
+        extra = extra_args()
+        tp = int(extra.get("tensor_parallel_size", 1))
         gpus, cpus = float(res.get("GPU", 0)), float(res.get("CPU", 0))
         binds: list[str | None] = [None] * self.n
         if gpus >= self.n * tp:
@@ -146,12 +147,11 @@ class RayVllmEngine:
                      for k in range(self.n)]
             if "VLLM_CPU_OMP_THREADS_BIND" in os.environ:
                 binds = [None] * self.n  # the user's binding wins
-            if not {"kv_cache_memory_bytes", "gpu_memory_utilization"} & set(extra_args()):
-                # the replicas share this machine's memory: a quarter of it, split
-                share = max(1, min(8, available_gib() // (4 * self.n)))
+            space = kv_cache_space(extra, self.n)  # the replicas share this machine's memory
+            if space is not None:
                 shape["runtime_env"] = {"env_vars": {
                     **_forwarded_env(),
-                    "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", str(share))}}
+                    "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", space)}}
         console.debug(f"ray-vllm: {self.n} replicas, {json.dumps(shape)}, binds {binds}")
         actor = ray.remote(Replica)
         self.replicas = [actor.options(**shape).remote(

@@ -94,9 +94,20 @@ def full_model_folder(model_spec: str, engine: str = "vllm") -> Path:
     from .models import adapter_base, resolve
     folder = resolve(model_spec)
     if adapter_base(folder):
-        raise UsageError(f"{model_spec}: --engine {engine} takes a full model folder; merge the "
-                         "adapter first (train with --merge-lora) or use --engine hf")
+        raise UsageError(f"{model_spec}: --engine {engine} needs a full model folder, and this "
+                         "is a PEFT adapter; merge it first (train with --merge-lora, or "
+                         "`alignkit merge-soup`) or use --engine hf")
     return folder
+
+
+def kv_cache_space(extra: dict, replicas: int = 1) -> str | None:
+    """The default VLLM_CPU_KVCACHE_SPACE (GiB) for `replicas` engines on this machine: a
+    quarter of the free memory, split between them, 1 to 8 each (vLLM's own default
+    reserves 92% of the memory node and refuses to start when other processes hold more
+    than 8% of it); None when ALIGNKIT_VLLM_ARGS sizes the cache itself."""
+    if {"kv_cache_memory_bytes", "gpu_memory_utilization"} & set(extra):
+        return None
+    return str(max(1, min(8, available_gib() // (4 * replicas))))
 
 
 def prepare_environment(extra: dict | None = None) -> bool:
@@ -113,11 +124,9 @@ def prepare_environment(extra: dict | None = None) -> bool:
         os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
         os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", cpu_list(usable_cpus()))
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-        if not {"kv_cache_memory_bytes", "gpu_memory_utilization"} & set(extra):
-            # vLLM's default reserves 92% of the memory node and refuses to start when
-            # other processes hold more than 8% of it: take a quarter of what is free
-            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE",
-                                  str(max(1, min(8, available_gib() // 4))))
+        space = kv_cache_space(extra)
+        if space is not None:
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", space)
     return cpu
 
 

@@ -205,12 +205,8 @@ def check_engine(run: PolicyRun) -> None:
     from ..vllm_engine import INSTALL_HINT, vllm_available
     if not vllm_available():
         raise UsageError(INSTALL_HINT)
-    from ..models import adapter_base, resolve
-    folder = resolve(run.model)
-    if adapter_base(folder):
-        raise UsageError(f"{run.model}: --engine vllm needs a full model folder to start the "
-                         "engine from, and this is a PEFT adapter; merge it first (`alignkit "
-                         "merge-soup`, or train it with --merge-lora) or use --engine hf")
+    from ..vllm_engine import full_model_folder
+    full_model_folder(run.model)
 
 
 def reward_specs(values: list[str] | None) -> list[str]:
