@@ -69,7 +69,7 @@ _alignkit() {
         "eval --report") COMPREPLY=( $(compgen -f -- "$cur")); return ;;
         "eval --rubric") COMPREPLY=( $(compgen -f -- "$cur")); return ;;
         "eval --samples-out") COMPREPLY=( $(compgen -f -- "$cur")); return ;;
-        "eval --scorer") COMPREPLY=($(compgen -W "rules rm pairwise judge python length" -- "$cur")); return ;;
+        "eval --scorer") COMPREPLY=($(compgen -W "rules rm pairwise judge python length aepo" -- "$cur")); return ;;
         "eval --scorer-batch-size") COMPREPLY=( $(compgen -f -- "$cur")); return ;;
         "eval --scorer-device") COMPREPLY=( $(compgen -f -- "$cur")); return ;;
         "eval --scorer-max-length") COMPREPLY=( $(compgen -f -- "$cur")); return ;;
@@ -85,7 +85,7 @@ _alignkit() {
         "eval -b") COMPREPLY=($(compgen -W "smollm2-135m-instruct minilm-l6 tiny-llama" -- "$cur") $(compgen -f -- "$cur")); return ;;
         "eval -m") COMPREPLY=($(compgen -W "smollm2-135m-instruct minilm-l6 tiny-llama" -- "$cur") $(compgen -f -- "$cur")); return ;;
         "eval -n") COMPREPLY=( $(compgen -f -- "$cur")); return ;;
-        "eval -s") COMPREPLY=($(compgen -W "rules rm pairwise judge python length" -- "$cur")); return ;;
+        "eval -s") COMPREPLY=($(compgen -W "rules rm pairwise judge python length aepo" -- "$cur")); return ;;
         "gen-pairs --alpha") COMPREPLY=( $(compgen -f -- "$cur")); return ;;
         "gen-pairs --batch-size") COMPREPLY=( $(compgen -f -- "$cur")); return ;;
         "gen-pairs --config") COMPREPLY=( $(compgen -f -- "$cur")); return ;;
@@ -175,7 +175,7 @@ _alignkit() {
         "score --max-length") COMPREPLY=( $(compgen -f -- "$cur")); return ;;
         "score --output") COMPREPLY=( $(compgen -f -- "$cur")); return ;;
         "score --rubric") COMPREPLY=( $(compgen -f -- "$cur")); return ;;
-        "score --scorer") COMPREPLY=($(compgen -W "rules rm pairwise judge python length" -- "$cur")); return ;;
+        "score --scorer") COMPREPLY=($(compgen -W "rules rm pairwise judge python length aepo" -- "$cur")); return ;;
         "score --scorer-batch-size") COMPREPLY=( $(compgen -f -- "$cur")); return ;;
         "score --scorer-device") COMPREPLY=( $(compgen -f -- "$cur")); return ;;
         "score --scorer-max-length") COMPREPLY=( $(compgen -f -- "$cur")); return ;;
@@ -185,7 +185,7 @@ _alignkit() {
         "score --user") COMPREPLY=( $(compgen -f -- "$cur")); return ;;
         "score --weights") COMPREPLY=( $(compgen -f -- "$cur")); return ;;
         "score -o") COMPREPLY=( $(compgen -f -- "$cur")); return ;;
-        "score -s") COMPREPLY=($(compgen -W "rules rm pairwise judge python length" -- "$cur")); return ;;
+        "score -s") COMPREPLY=($(compgen -W "rules rm pairwise judge python length aepo" -- "$cur")); return ;;
         "train-policy --aggregate") COMPREPLY=( $(compgen -f -- "$cur")); return ;;
         "train-policy --alpha") COMPREPLY=( $(compgen -f -- "$cur")); return ;;
         "train-policy --batch-size") COMPREPLY=( $(compgen -f -- "$cur")); return ;;
@@ -223,7 +223,7 @@ _alignkit() {
         "train-policy --output") COMPREPLY=( $(compgen -f -- "$cur")); return ;;
         "train-policy --ref-model") COMPREPLY=($(compgen -W "smollm2-135m-instruct minilm-l6 tiny-llama" -- "$cur") $(compgen -f -- "$cur")); return ;;
         "train-policy --report-to") COMPREPLY=( $(compgen -f -- "$cur")); return ;;
-        "train-policy --reward") COMPREPLY=($(compgen -W "rules rm pairwise judge python length" -- "$cur")); return ;;
+        "train-policy --reward") COMPREPLY=($(compgen -W "rules rm pairwise judge python length aepo" -- "$cur")); return ;;
         "train-policy --reward-weights") COMPREPLY=( $(compgen -f -- "$cur")); return ;;
         "train-policy --rubric") COMPREPLY=( $(compgen -f -- "$cur")); return ;;
         "train-policy --sample-every") COMPREPLY=( $(compgen -f -- "$cur")); return ;;

@@ -101,7 +101,7 @@ complete -c alignkit -n '__fish_seen_subcommand_from eval' -l replicas -r
 complete -c alignkit -n '__fish_seen_subcommand_from eval' -l report -r
 complete -c alignkit -n '__fish_seen_subcommand_from eval' -l rubric -r
 complete -c alignkit -n '__fish_seen_subcommand_from eval' -l samples-out -r
-complete -c alignkit -n '__fish_seen_subcommand_from eval' -l scorer -x -a 'rules rm pairwise judge python length'
+complete -c alignkit -n '__fish_seen_subcommand_from eval' -l scorer -x -a 'rules rm pairwise judge python length aepo'
 complete -c alignkit -n '__fish_seen_subcommand_from eval' -l scorer-batch-size -r
 complete -c alignkit -n '__fish_seen_subcommand_from eval' -l scorer-device -r
 complete -c alignkit -n '__fish_seen_subcommand_from eval' -l scorer-max-length -r
@@ -119,7 +119,7 @@ complete -c alignkit -n '__fish_seen_subcommand_from eval' -s b -r -a 'smollm2-1
 complete -c alignkit -n '__fish_seen_subcommand_from eval' -s m -r -a 'smollm2-135m-instruct minilm-l6 tiny-llama'
 complete -c alignkit -n '__fish_seen_subcommand_from eval' -s n -r
 complete -c alignkit -n '__fish_seen_subcommand_from eval' -s q
-complete -c alignkit -n '__fish_seen_subcommand_from eval' -s s -x -a 'rules rm pairwise judge python length'
+complete -c alignkit -n '__fish_seen_subcommand_from eval' -s s -x -a 'rules rm pairwise judge python length aepo'
 complete -c alignkit -n '__fish_seen_subcommand_from eval' -s v
 complete -c alignkit -n '__fish_seen_subcommand_from gen-pairs' -l allow-pickle
 complete -c alignkit -n '__fish_seen_subcommand_from gen-pairs' -l alpha -r
@@ -261,7 +261,7 @@ complete -c alignkit -n '__fish_seen_subcommand_from score' -l max-length -r
 complete -c alignkit -n '__fish_seen_subcommand_from score' -l output -r
 complete -c alignkit -n '__fish_seen_subcommand_from score' -l quiet
 complete -c alignkit -n '__fish_seen_subcommand_from score' -l rubric -r
-complete -c alignkit -n '__fish_seen_subcommand_from score' -l scorer -x -a 'rules rm pairwise judge python length'
+complete -c alignkit -n '__fish_seen_subcommand_from score' -l scorer -x -a 'rules rm pairwise judge python length aepo'
 complete -c alignkit -n '__fish_seen_subcommand_from score' -l scorer-batch-size -r
 complete -c alignkit -n '__fish_seen_subcommand_from score' -l scorer-device -r
 complete -c alignkit -n '__fish_seen_subcommand_from score' -l scorer-max-length -r
@@ -274,7 +274,7 @@ complete -c alignkit -n '__fish_seen_subcommand_from score' -l verbose
 complete -c alignkit -n '__fish_seen_subcommand_from score' -l weights -r
 complete -c alignkit -n '__fish_seen_subcommand_from score' -s o -r
 complete -c alignkit -n '__fish_seen_subcommand_from score' -s q
-complete -c alignkit -n '__fish_seen_subcommand_from score' -s s -x -a 'rules rm pairwise judge python length'
+complete -c alignkit -n '__fish_seen_subcommand_from score' -s s -x -a 'rules rm pairwise judge python length aepo'
 complete -c alignkit -n '__fish_seen_subcommand_from score' -s v
 complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l aggregate -r
 complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l allow-pickle
@@ -324,7 +324,7 @@ complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l quiet
 complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l ref-model -r -a 'smollm2-135m-instruct minilm-l6 tiny-llama'
 complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l report-to -r
 complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l resume
-complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l reward -x -a 'rules rm pairwise judge python length'
+complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l reward -x -a 'rules rm pairwise judge python length aepo'
 complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l reward-weights -r
 complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l rubric -r
 complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l sample-every -r

@@ -68,7 +68,7 @@ _alignkit() {
     "eval --report") _files; return ;;
     "eval --rubric") _files; return ;;
     "eval --samples-out") _files; return ;;
-    "eval --scorer") compadd -- rules rm pairwise judge python length; return ;;
+    "eval --scorer") compadd -- rules rm pairwise judge python length aepo; return ;;
     "eval --scorer-batch-size") _files; return ;;
     "eval --scorer-device") _files; return ;;
     "eval --scorer-max-length") _files; return ;;
@@ -84,7 +84,7 @@ _alignkit() {
     "eval -b") compadd -- smollm2-135m-instruct minilm-l6 tiny-llama; _files; return ;;
     "eval -m") compadd -- smollm2-135m-instruct minilm-l6 tiny-llama; _files; return ;;
     "eval -n") _files; return ;;
-    "eval -s") compadd -- rules rm pairwise judge python length; return ;;
+    "eval -s") compadd -- rules rm pairwise judge python length aepo; return ;;
     "gen-pairs --alpha") _files; return ;;
     "gen-pairs --batch-size") _files; return ;;
     "gen-pairs --config") _files; return ;;
@@ -174,7 +174,7 @@ _alignkit() {
     "score --max-length") _files; return ;;
     "score --output") _files; return ;;
     "score --rubric") _files; return ;;
-    "score --scorer") compadd -- rules rm pairwise judge python length; return ;;
+    "score --scorer") compadd -- rules rm pairwise judge python length aepo; return ;;
     "score --scorer-batch-size") _files; return ;;
     "score --scorer-device") _files; return ;;
     "score --scorer-max-length") _files; return ;;
@@ -184,7 +184,7 @@ _alignkit() {
     "score --user") _files; return ;;
     "score --weights") _files; return ;;
     "score -o") _files; return ;;
-    "score -s") compadd -- rules rm pairwise judge python length; return ;;
+    "score -s") compadd -- rules rm pairwise judge python length aepo; return ;;
     "train-policy --aggregate") _files; return ;;
     "train-policy --alpha") _files; return ;;
     "train-policy --batch-size") _files; return ;;
@@ -222,7 +222,7 @@ _alignkit() {
     "train-policy --output") _files; return ;;
     "train-policy --ref-model") compadd -- smollm2-135m-instruct minilm-l6 tiny-llama; _files; return ;;
     "train-policy --report-to") _files; return ;;
-    "train-policy --reward") compadd -- rules rm pairwise judge python length; return ;;
+    "train-policy --reward") compadd -- rules rm pairwise judge python length aepo; return ;;
     "train-policy --reward-weights") _files; return ;;
     "train-policy --rubric") _files; return ;;
     "train-policy --sample-every") _files; return ;;

@@ -63,7 +63,7 @@ def direct_rewards(rm_dir, pairs):
 # --- registry, spec errors ---------------------------------------------------------------
 
 def test_registry_names():
-    assert set(SCORERS.names()) == {"rules", "rm", "pairwise", "judge", "python", "length"}
+    assert set(SCORERS.names()) == {"rules", "rm", "pairwise", "judge", "python", "length", "aepo"}
 
 
 @pytest.mark.parametrize("specs,kw,msg", [

@@ -9,6 +9,7 @@ and `eval`. Spec strings name a scorer kind and its argument:
     judge:MODEL           LLM judge with a rubric (P(yes) per rubric item)
     python:MOD:FN         user function, TRL reward-function convention (or FILE.py:FN)
     length[:MAX[:CACHE]]  DAPO soft overlong penalty (words, or tokens with a tokenizer)
+    aepo[:K]              AEPO multi-answer reward 1+1/sqrt(N*rank) / 1-1/N (meta.answer)
 
 Each scorer writes `scores[SPEC]` per completion (the spec string as given is the key).
 
@@ -70,6 +71,8 @@ for _name, _usage, _cls, _summary in [
      "convention (or python:FILE.py:FN)"),
     ("length", "length[:MAX[:CACHE]]", "length:LengthScorer", "DAPO soft overlong penalty (words, "
      "or tokens with --tokenizer; default 512:128)"),
+    ("aepo", "aepo[:K]", "aepo:AEPOScorer", "AEPO exploration reward, text adaptation: up to "
+     "K candidates vs meta.answer, exact match; duplicates -> -1 (default K=5)"),
 ]:
     SCORERS.add(_name, _summary, f"{__name__}.{_cls}", usage=_usage)
 
