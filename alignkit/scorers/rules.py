@@ -1,4 +1,4 @@
-"""`rules`: verifiable checks from `meta.checks` (alignkit/checks.py).
+"""`rules`: verifiable checks from `meta.checks` (alignkit/checks/).
 
 Score = fraction of the record's checks that the completion passes. The per-check
 results are kept on the completion as `"checks": [{"type", "passed"}, ...]` (eval reads
