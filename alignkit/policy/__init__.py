@@ -8,6 +8,7 @@ flag, shared by the entries that take it):
     pairs.py        dpo, sppo, copg         pairs through AlignkitDPOTrainer (dpo_trainer.py)
     groups.py       pro, grao               listwise records through AlignkitDPOTrainer
     online.py       grpo, gtpo, earl, rloo, p3o, online-ipo, ipo-md   prompts + --reward
+    essa.py         essa                    prompts + --reward: ES on an SFT LoRA's singular values
 
 Those modules import nothing heavy at module level, so listing the methods (`--help`,
 `--list-methods`, docs, completions) imports no torch. An entry's implementation has the
@@ -28,7 +29,7 @@ from ..registry import Entry, Registry
 
 POLICY = Registry("policy method", "--method", modules=(
     "alignkit.policy.trl_methods", "alignkit.policy.pairs", "alignkit.policy.groups",
-    "alignkit.policy.online", "alignkit.policy.seppo"))
+    "alignkit.policy.online", "alignkit.policy.seppo", "alignkit.policy.essa"))
 
 __all__ = ["POLICY", "add", "get", "table", "train"]
 
