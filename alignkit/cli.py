@@ -20,7 +20,7 @@ from .errors import AlignkitError
 # One line per subcommand module; each module defines `register(app)`.
 COMMAND_MODULES = [
     "gen_pairs", "score", "relabel", "train_rm", "train_policy", "distill", "merge_soup",
-    "eval", "lineage", "models", "schema", "env",
+    "eval", "lineage", "models", "schema", "env", "gen_rubrics",
 ]
 
 app = typer.Typer(
