@@ -56,6 +56,13 @@ class _Task:
             _emit("", f"{self.desc}: {self.done}{total}")
 
 
+class NullTask:
+    """A progress task that reports nothing (for inner loops whose caller reports)."""
+
+    def advance(self, n: int = 1, **_) -> None:
+        pass
+
+
 @contextmanager
 def progress(desc: str, total: int | None = None):
     """`with progress("sampling", total=n) as p: ... p.advance()`."""

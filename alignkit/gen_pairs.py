@@ -395,7 +395,7 @@ class _Pipeline:
         answers = [given_answer(r) for r in records]
         need = [i for i, a in enumerate(answers) if a is None]
         pos_groups = dict(zip(need, self._sample([records[i]["prompt"] for i in need],
-                                                 [keys[i] for i in need], _NullTask())))
+                                                 [keys[i] for i in need], console.NullTask())))
         given_lp = dict(zip(
             [i for i, a in enumerate(answers) if a is not None],
             self._score_given([r for r, a in zip(records, answers) if a is not None],
@@ -426,11 +426,6 @@ class _Pipeline:
         if self.engine is not None:
             self.engine.close()
             self.engine = None
-
-
-class _NullTask:
-    def advance(self, n: int = 1, **_):
-        pass
 
 
 def _auto_device() -> str | None:

@@ -221,7 +221,7 @@ def finish(trainer, run: PolicyRun, work: Path, tok, started: float, hparams: di
                 "hyperparameters": hparams,
                 "data": {"path": run.data.path, "sha256": run.data.sha256, "kind": run.data.kind,
                          **counts},
-                "base": {"spec": str(run.model), "sha256": _sha_or_none(run.model)},
+                "base": {"spec": str(run.model), "sha256": sha_or_none(run.model)},
                 "reference": reference, "final_metrics": metrics,
                 "processes": acc.num_processes}
         save_output(model, tok, run.out, work, force=opts.force, merge_lora=opts.merge_lora,
@@ -233,7 +233,7 @@ def finish(trainer, run: PolicyRun, work: Path, tok, started: float, hparams: di
     return Path(run.out)
 
 
-def _sha_or_none(spec) -> str | None:
+def sha_or_none(spec) -> str | None:
     from ..models import model_sha256
     try:
         return model_sha256(spec)

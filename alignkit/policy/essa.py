@@ -21,7 +21,7 @@ Each generation g:
    place. One completion per prompt is drawn with the shared sampler
    (`alignkit.generation.sample`: `--temperature`, `--max-new-tokens`, streams keyed by
    prompt id), under `torch.no_grad()`. The completions are scored by the `--reward`
-   scorers, built and combined exactly as for the online methods (`online._reward_fn`,
+   scorers, built and combined exactly as for the online methods (`online.reward_fn`,
    `--reward-weights`, the shared scorer options). The fitness is the mean combined
    reward (unscored rows are skipped).
 4. Update (OpenAI-ES). The fitness values are shaped into centred ranks
@@ -236,10 +236,9 @@ def fitness(model, tok, reward, records: list[dict], idx: list[int], params) -> 
     """The mean combined reward of one completion per prompt (unscored rows skipped;
     NaN when none is scored)."""
     from ..generation import sample
-    from .online_trainers import _NullTask
     recs = [records[i] for i in idx]
     out = sample(model, tok, [r["prompt"] for r in recs], params,
-                 keys=[str(r["id"]) for r in recs], progress=_NullTask())
+                 keys=[str(r["id"]) for r in recs], progress=console.NullTask())
     scores = reward(None, [o[0]["text"] for o in out], idx)
     vals = [float(v) for v in scores if v is not None and v == v]
     return sum(vals) / len(vals) if vals else float("nan")
@@ -251,7 +250,7 @@ def train_essa(run: PolicyRun) -> Path:
     from ..models import load_tokenizer
     from ..scorers.options import ScorerOptions
     from ..training import prepare_run
-    from .online import _check_rules, _prompt_rows, _reward_fn, reward_specs
+    from .online import check_rules, prompt_rows, reward_fn, reward_specs
     started = time.time()
     check_flags(run)
     base, adapter = adapter_source(run)
@@ -259,14 +258,14 @@ def train_essa(run: PolicyRun) -> Path:
     scoring = run.scoring if run.scoring is not None else ScorerOptions()
     scorer = scoring.build(specs, run.reward_weights, dtype="auto",
                            allow_pickle=run.allow_pickle, trust_remote_code=run.trust_remote_code)
-    _check_rules(run.data, scorer)
+    check_rules(run.data, scorer)
     o = run.options
-    rows, dropped = _prompt_rows(run.data, load_tokenizer(base or adapter, run.trust_remote_code),
+    rows, dropped = prompt_rows(run.data, load_tokenizer(base or adapter, run.trust_remote_code),
                                  o["max_new_tokens"], run.opts.max_length)
     work = prepare_run(run.out, run.opts)
     try:
         model, tok = load_adapter(run, base, adapter)
-        z, space, history = search(run, model, tok, _reward_fn(scorer, run.data.records),
+        z, space, history = search(run, model, tok, reward_fn(scorer, run.data.records),
                                    [r["row"] for r in rows], work)
         space.apply(z)
         return write(run, model, tok, work, started, space, history, specs, scoring,
@@ -336,7 +335,7 @@ def write(run: PolicyRun, model, tok, work: Path, started: float, space, history
     """The output folder: the adapter (peft's save_pretrained), tokenizer, alignkit.json,
     README.md and metrics.jsonl (`training.save_output`)."""
     from ..training import save_output
-    from .common import _sha_or_none, hparams
+    from .common import sha_or_none, hparams
     o = run.options
     hp = hparams(run, None, rewards=specs, reward_weights=run.reward_weights,
                  hybrid=bool(scoring.hybrid), calibrate=scoring.calibrate,
@@ -351,9 +350,9 @@ def write(run: PolicyRun, model, tok, work: Path, started: float, space, history
     info = {"method": "essa", "trainer": run.method.trainer, "hyperparameters": hp,
             "data": {"path": run.data.path, "sha256": run.data.sha256, "kind": run.data.kind,
                      **counts},
-            "base": {"spec": str(run.model), "sha256": _sha_or_none(run.model)},
+            "base": {"spec": str(run.model), "sha256": sha_or_none(run.model)},
             "init_adapter": {"path": str(Path(adapter).resolve()),
-                             "sha256": _sha_or_none(adapter)},
+                             "sha256": sha_or_none(adapter)},
             "reference": None, "final_metrics": history[-1] if history else {}}
     save_output(model, tok, run.out, work, force=run.opts.force, merge_lora=run.opts.merge_lora,
                 info=info, started=started, seed=run.opts.seed,

@@ -54,6 +54,21 @@ Defaults and readings (ALGORITHMS.md marks these UNVERIFIED where noted):
   mixture_coef; the paper's is UNVERIFIED). For ipo-md, `kl_ref` is measured on the
   mixture samples.
 - Log-probabilities in the losses are TRL's, at the sampling temperature (default 1).
+- `--entropy-coef C` (every method; Part D §10, the Policy Cliff): loss − C·Ĥ, Ĥ the mean
+  full-vocabulary token entropy, with gradient, over the completion tokens the loss acts
+  on (earl: the gated tokens), a token mean not rescaled by --loss (TRL's `entropy_coef`
+  reading, so C means the same everywhere); a fixed C (no adaptive target). metrics.jsonl
+  gets `entropy_bonus/entropy` and `entropy_bonus` (C·Ĥ).
+- `--credit chunk --chunk-by newline|sentence|regex:P` (grpo, earl; Part D §4, IPA): the
+  completion split into chunks at the ends of the boundary regex (on the decoded text
+  of each token), ρ_c = exp(mean token log-ratio over the chunk) (the report's geometric
+  mean), GRPO's clip on ρ_c (`--chunk-clip ppo`, the default) or the report's TOPR split
+  (`--chunk-clip ipa`: A > 0 plain A-weighted SL, else A·[ρ_c]_0^1), the sequence
+  advantage, spread over the chunk's tokens and aggregated by --loss (not cispo) with
+  the k3 KL per token. Simplified: the sequence advantage, not IPA's per-chunk
+  discounted returns, and no train/inference mismatch mask. earl's gate then
+  multiplies the chunk terms per token. gtpo has no ratio (ρ = 1, nothing to take per
+  chunk) and rloo's is per sequence: neither takes --credit.
 
 Sampling engine (`--engine`, every online method but ipo-md): `hf` (the default) samples
 with `alignkit.generation.sample` on the policy itself. `vllm` builds one `VllmEngine`
@@ -130,7 +145,29 @@ SYNC_EVERY = Param("sync_every", int, 1, "--engine vllm: push the policy's weigh
                    "sampling always gets them); with N > 1 samples come from weights up to "
                    "N-1 steps old (slightly off-policy).", low=1)
 
-ONLINE = (MAX_NEW_TOKENS, TEMPERATURE, SAMPLE_EVERY, ENGINE, SYNC_EVERY)
+# The Policy Cliff (ALGORITHMS.md Part D §10): entropy regularisation makes the
+# reward -> policy map continuous. TRL's entropy_coef aggregation, on every method.
+ENTROPY_COEF = Param("entropy_coef", float, 0.0, "Entropy bonus C: the loss becomes loss - "
+                     "C*H, H the mean full-vocabulary token entropy (with gradient) over the "
+                     "completion tokens the loss acts on (earl: the gated ones), a token mean "
+                     "not rescaled by --loss (TRL's entropy_coef); 0 = off. Suggested 1e-3 "
+                     "(UNVERIFIED). Fixed C only (no adaptive target).", low=0.0)
+# IPA chunk-level credit (ALGORITHMS.md Part D §4), grpo and earl
+CREDIT = Param("credit", str, "token", "Credit unit: token = GRPO's per-token ratio and clip; "
+               "chunk = IPA's chunk ratio exp(mean token log-ratio over the chunk, the "
+               "report's geometric mean), clipped (--chunk-clip) and weighted by the sequence "
+               "advantage, spread over the chunk's tokens (a simplification of IPA: the "
+               "sequence advantage, not the report's per-chunk discounted returns).",
+               choices=("token", "chunk"))
+CHUNK_BY = Param("chunk_by", str, None, "--credit chunk: where a chunk ends: newline (a run "
+                 "of newlines), sentence (. ! ? before whitespace or the end) or regex:PATTERN "
+                 "(the end of each match); default newline.", metavar="newline|sentence|regex:P")
+CHUNK_CLIP = Param("chunk_clip", str, "ppo", "--credit chunk: ppo = GRPO's clip of the chunk "
+                   "ratio to [1-eps, 1+eps-high]; ipa = the ROME report's TOPR split: completions "
+                   "with A > 0 get the plain A-weighted log-likelihood gradient, the others A "
+                   "times the chunk ratio truncated to [0, 1] (no PPO clip).", choices=("ppo", "ipa"))
+
+ONLINE = (MAX_NEW_TOKENS, TEMPERATURE, SAMPLE_EVERY, ENGINE, SYNC_EVERY, ENTROPY_COEF)
 GRPO = (LOSS, SCALE_REWARDS, NUM_GENERATIONS, EPSILON, EPSILON_HIGH, IMPORTANCE_SAMPLING,
         MASK_TRUNCATED)
 
@@ -158,17 +195,22 @@ def _online(name: str, summary: str, *, params=(), trainer: str, config: str = "
 
 
 _online("grpo", "GRPO through TRL (--loss, --scale-rewards, --num-generations, --beta k3 KL, "
-        "--epsilon[-high], --importance-sampling sequence = GSPO)", params=GRPO,
+        "--epsilon[-high], --importance-sampling sequence = GSPO, --credit chunk = IPA "
+        "chunk-level ratios)", params=GRPO + (CREDIT, CHUNK_BY, CHUNK_CLIP),
         trl="GRPOTrainer", default_beta=0.0, zero_beta_ok=True, trainer="AlignkitGRPOTrainer",
-        default_loss=GRPO_DEFAULT_LOSS)
+        default_loss=GRPO_DEFAULT_LOSS,
+        trainer_kwargs={"credit": "credit", "chunk_by": "chunk_by",
+                        "chunk_clip": "chunk_clip"})
 _online("gtpo", "GTPO: conflict-token protection + entropy filter, no reference in the loss",
         params=(NUM_GENERATIONS, MASK_TRUNCATED, ENTROPY_THRESHOLD), default_beta=0.0,
         no_beta="gtpo has no KL term (no --beta)", trainer="GTPOTrainer",
         fixed={"scale_rewards": "none"}, trainer_kwargs={"entropy_threshold": "entropy_threshold"})
 _online("earl", "EARL: GRPO with the PG term gated to high-entropy tokens (--entropy-quantile, "
-        "--entropy-scope)", params=GRPO + (ENTROPY_QUANTILE, ENTROPY_SCOPE), default_beta=0.04,
-        zero_beta_ok=True, trainer="EARLTrainer", default_loss=GRPO_DEFAULT_LOSS,
-        trainer_kwargs={"entropy_scope": "entropy_scope"})
+        "--entropy-scope)", params=GRPO + (ENTROPY_QUANTILE, ENTROPY_SCOPE, CREDIT, CHUNK_BY,
+                                   CHUNK_CLIP),
+        default_beta=0.04, zero_beta_ok=True, trainer="EARLTrainer", default_loss=GRPO_DEFAULT_LOSS,
+        trainer_kwargs={"entropy_scope": "entropy_scope", "credit": "credit", "chunk_by": "chunk_by",
+                        "chunk_clip": "chunk_clip"})
 _online("rloo", "RLOO through TRL (leave-one-out baseline, KL in the reward)",
         params=(NUM_GENERATIONS, EPSILON, EPSILON_HIGH, MASK_TRUNCATED), trl="RLOOTrainer",
         default_beta=0.05, zero_beta_ok=True, trainer="AlignkitRLOOTrainer", config="RLOOConfig")
@@ -207,6 +249,27 @@ def check_engine(run: PolicyRun) -> None:
         raise UsageError(INSTALL_HINT)
     from ..vllm_engine import full_model_folder
     full_model_folder(run.model)
+
+
+def _check_credit(o: dict) -> None:
+    """--credit / --chunk-by: UsageError (exit 2) before any model loads."""
+    from .online_losses import chunk_pattern
+    if o["credit"] != "chunk":
+        if o["chunk_by"] is not None:
+            raise UsageError("--chunk-by needs --credit chunk")
+        if o["chunk_clip"] != CHUNK_CLIP.default:
+            raise UsageError("--chunk-clip needs --credit chunk")
+        return
+    o["chunk_by"] = o["chunk_by"] or "newline"
+    try:
+        chunk_pattern(o["chunk_by"])
+    except ValueError as e:
+        raise UsageError(f"--chunk-by {e}") from None
+    if o["loss"] == "cispo":
+        raise UsageError("--credit chunk works with --loss grpo | bnpo | dr_grpo | dapo, not cispo")
+    if o["importance_sampling"] == "sequence":
+        raise UsageError("--credit chunk takes the ratio per chunk; it cannot be combined with "
+                         "--importance-sampling sequence")
 
 
 def reward_specs(values: list[str] | None) -> list[str]:
@@ -252,7 +315,10 @@ def plan(run: PolicyRun) -> Plan:
         if name in o and o[name] is not None and o[name] is not False:
             fields[key] = o[name]
     fields.update(m.fixed)
+    if "credit" in o:
+        _check_credit(o)
     kwargs = {kw: o[name] for name, kw in m.trainer_kwargs.items()}
+    kwargs["entropy_coef"] = o["entropy_coef"]
     if m.pair_loss:
         fields["beta"] = 0.0  # the pair losses hold their own coefficient
         kwargs.update(kind=m.pair_loss, coef=float(beta))
@@ -265,7 +331,7 @@ def plan(run: PolicyRun) -> Plan:
     return p
 
 
-def _reward_fn(scorer, records: list[dict]):
+def reward_fn(scorer, records: list[dict]):
     """The combined scorer as a TRL reward function over the dataset's `row` column:
     each completion is scored against its prompt record (prompt, meta, id)."""
     from .online_trainers import as_completion
@@ -282,7 +348,7 @@ def _reward_fn(scorer, records: list[dict]):
     return reward
 
 
-def _check_rules(data: Data, scorer) -> None:
+def check_rules(data: Data, scorer) -> None:
     """Malformed `meta.checks` fail before training, at their line (exit 3)."""
     from ..checks import run_checks
     from ..scorers.rules import RulesScorer, has_checks
@@ -297,7 +363,7 @@ def _check_rules(data: Data, scorer) -> None:
                 raise e.at(data.path if data.path != "-" else "<stdin>", data.lines[i]) from None
 
 
-def _prompt_rows(data: Data, tok, max_new_tokens: int, max_length: int) -> tuple[list[dict], int]:
+def prompt_rows(data: Data, tok, max_new_tokens: int, max_length: int) -> tuple[list[dict], int]:
     """Dataset rows {prompt: the chat-templated text, row: record index}; prompts with
     no room for max_new_tokens under --max-length are dropped (with a warning)."""
     from ..generation import encode_prompt, render_prompt
@@ -333,9 +399,9 @@ def train_online(run: PolicyRun) -> Path:
     scorer = scoring.build(specs, run.reward_weights, dtype="auto",
                            allow_pickle=run.allow_pickle,
                            trust_remote_code=run.trust_remote_code)
-    _check_rules(data, scorer)
+    check_rules(data, scorer)
     tok = load_tokenizer(run.model, run.trust_remote_code)
-    rows, dropped = _prompt_rows(data, tok, p.fields["max_completion_length"], opts.max_length)
+    rows, dropped = prompt_rows(data, tok, p.fields["max_completion_length"], opts.max_length)
     for key in ("min_p", "repetition_penalty", "use_vllm"):
         if key in run.config:
             raise UsageError(f"--opt {key}: online methods sample with alignkit's sampler "
@@ -398,7 +464,7 @@ def _train(run: PolicyRun, p: Plan, config_cls, scorer, scoring, specs: list[str
              "max_new_tokens": cfg.max_completion_length, "seed": opts.seed,
              **({"engine": "vllm", "sync_every": sync_every} if engine is not None else {})})
     trainer = import_attr(p.trainer)(
-        model=model, reward_funcs=[_reward_fn(scorer, data.records)], args=cfg,
+        model=model, reward_funcs=[reward_fn(scorer, data.records)], args=cfg,
         train_dataset=Dataset.from_list(rows), processing_class=tok,
         peft_config=lora_config(opts), ctx=ctx, ref_model=ref, **p.kwargs)
     del ref

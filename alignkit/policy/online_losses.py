@@ -4,7 +4,18 @@ ALGORITHMS.md, so each can be tested on hand-made tensors.
 TRL has none of these: GTPO's conflict-token weights and entropy shaping (Part B §2),
 EARL's per-response entropy gate (TRL's `top_entropy_quantile` is the batch-scope
 gate only; Part B §3), P3O's pairwise clipped objective (Part A §4) and the online /
-mixture IPO loss with scorer labels (Part A §1).
+mixture IPO loss with scorer labels (Part A §1). Also, for every online method, the
+entropy bonus of `--entropy-coef` (Part D §10, the Policy Cliff: loss − C·Ĥ, Ĥ the token
+mean of the full-vocabulary entropy over the loss's tokens, TRL's `entropy_coef`
+aggregation), and, for grpo / earl `--credit chunk`, IPA's chunk-level credit (Part D
+§4): `token_pieces` gives each token's text, `chunk_ids` splits a completion at the
+ends of a boundary regex, `chunk_ratios` takes ρ_c = exp(mean_{t∈c} log-ratio) (the
+report's geometric mean), `chunk_clipped_loss` applies GRPO's clip to ρ_c with the
+sequence advantage (`--chunk-clip ppo`), `chunk_topr_loss` the report's TOPR split
+instead (positives un-reweighted, negatives [ρ_c]_0^1; `--chunk-clip ipa`), and
+`aggregate_loss` is TRL's --loss aggregation.
+Simplified from IPA: the sequence advantage instead of per-chunk discounted returns
+γ^Δ·R_final, and no mismatch mask (no rollout-engine log-probs here).
 
 Shapes: N completions, T completion positions; `mask` is 1 on real completion tokens
 (left-aligned, as TRL pads completions on the right).
@@ -264,3 +275,137 @@ class RunningStd:
 
     def load(self, state: dict) -> None:
         self.count, self.mean, self.m2 = int(state["count"]), float(state["mean"]), float(state["m2"])
+
+
+# --- entropy bonus (ALGORITHMS.md Part D §10, Policy Cliff) ---------------------------------
+
+def token_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Full-vocabulary token entropy H_t = −Σ_v π(v|s_t) log π(v|s_t) [.., T] of logits
+    [.., T, V] (already divided by the sampling temperature); differentiable."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+def entropy_bonus(entropies: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Ĥ = Σ m·H / Σ m: the mean token entropy over the tokens the policy loss acts on
+    (TRL's `entropy_coef` aggregation: a token mean, NOT rescaled by the loss type, so
+    a coefficient C means the same for every method). The objective is loss − C·Ĥ.
+    `entropies` must carry the gradient (TRL's fused head's do)."""
+    mask = mask.to(entropies.dtype)
+    return (entropies * mask).sum() / mask.sum().clamp(min=1.0)
+
+
+# --- IPA chunk-level credit (ALGORITHMS.md Part D §4, ROME report Eqs. 7-9) ------------------
+
+CHUNK_PATTERNS = {"newline": r"\n+", "sentence": r"[.!?]+(?=\s|$)"}
+
+
+def chunk_pattern(mode: str):
+    """The compiled boundary regex of a --chunk-by value (newline | sentence | regex:P);
+    ValueError on an unknown mode or a bad / empty pattern."""
+    import re
+    if mode in CHUNK_PATTERNS:
+        return re.compile(CHUNK_PATTERNS[mode])
+    if not mode.startswith("regex:") or not mode[6:]:
+        raise ValueError(f"must be newline, sentence or regex:PATTERN, got {mode!r}")
+    try:
+        return re.compile(mode[6:])
+    except re.error as e:
+        raise ValueError(f"bad regex {mode[6:]!r}: {e}") from None
+
+
+def token_pieces(tok, ids: list[int]) -> list[str]:
+    """The text each completion token adds, from the decoded prefixes: a token ending in
+    the middle of a character (a partial UTF-8 byte sequence decodes to U+FFFD) adds
+    "" and the token completing it adds the character. Their concatenation is the
+    decoded text (where a tokenizer's decoding is prefix-stable, as byte-level BPE's)."""
+    import os.path
+    pieces, prev = [], ""
+    for k in range(len(ids)):
+        text = tok.decode(ids[:k + 1], skip_special_tokens=False)
+        if text.endswith("\ufffd") and k + 1 < len(ids):
+            pieces.append("")
+            continue
+        keep = len(prev) if text.startswith(prev) else len(os.path.commonprefix([prev, text]))
+        pieces.append(text[keep:])
+        prev = text
+    return pieces
+
+
+def chunk_ids(pieces: list[str], mode: str = "newline") -> torch.Tensor:
+    """The chunk index (LongTensor [T], 0, 1, ... consecutive) of each completion token,
+    from the token texts `pieces` (their concatenation is the completion, so piece k
+    spans characters [s_k, e_k)). A chunk ends at the end of every match of the mode's
+    boundary regex (newline: a run of newlines; sentence: a run of . ! ? followed by
+    whitespace or the end; regex:P: P). Token k is in chunk #{boundaries b < e_k}: the
+    token holding the boundary closes its chunk and the next token opens a new one."""
+    pattern = chunk_pattern(mode)
+    text = "".join(pieces)
+    bounds = sorted({m.end() for m in pattern.finditer(text) if m.end() > m.start()})
+    ids, end, j, raw = [], 0, 0, []
+    for piece in pieces:
+        end += len(piece)
+        while j < len(bounds) and bounds[j] < end:
+            j += 1
+        raw.append(j)
+    # renumber consecutively (a boundary inside one token, or two in a row, leaves gaps)
+    for k, r in enumerate(raw):
+        ids.append(0 if k == 0 else ids[-1] + (r != raw[k - 1]))
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def chunk_ratios(logps: torch.Tensor, old_logps: torch.Tensor, chunk: torch.Tensor,
+                 mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """IPA's chunk ratio ρ_c = (Π_{t∈c} πθ/πold)^{1/|c|} = exp(mean_{t∈c} (log πθ − log πold))
+    (the geometric mean of the report, as GSPO's per sequence), over the masked tokens.
+    Returns (per-token ratio [N, T]: each token gets its chunk's ρ_c, with gradient;
+    chunk ratios [N, K]; chunk token counts [N, K], 0 for a chunk a row lacks)."""
+    mask = mask.to(logps.dtype)
+    ids = chunk.long().clamp(min=0)
+    K = int(ids.max().item()) + 1 if ids.numel() else 1
+    zeros = torch.zeros(logps.shape[0], K, dtype=logps.dtype, device=logps.device)
+    sums = zeros.scatter_add(1, ids, (logps - old_logps) * mask)
+    counts = zeros.scatter_add(1, ids, mask)
+    chunk_rho = torch.exp(sums / counts.clamp(min=1.0))
+    return chunk_rho.gather(1, ids), chunk_rho, counts
+
+
+def chunk_clipped_loss(ratio: torch.Tensor, advantages: torch.Tensor, eps_low: float,
+                       eps_high: float) -> torch.Tensor:
+    """Per-token loss [N, T] of the chunk credit: −min(ρ_c·A, clip(ρ_c, 1−ε_low, 1+ε_high)·A)
+    with ρ_c the token's chunk ratio and A the sequence advantage [N] (GRPO's clipped
+    surrogate with the ratio taken per chunk; every token of a chunk carries its
+    chunk's term, so a chunk weighs by its token count in the aggregation and each
+    token's gradient is A·ρ_c·∇log πθ(t), the report's Σ_{k∈c} ∇log π form)."""
+    adv = advantages[:, None] if advantages.dim() == 1 else advantages
+    clipped = ratio.clamp(1.0 - eps_low, 1.0 + eps_high)
+    return -torch.minimum(ratio * adv, clipped * adv)
+
+
+def chunk_topr_loss(logps: torch.Tensor, ratio: torch.Tensor, advantages: torch.Tensor
+                    ) -> torch.Tensor:
+    """IPA's own chunk update (report Eq. 9, TOPR split, no PPO clip), per token [N, T]:
+    −w_c·A·log πθ(t) with w_c = 1 for a positive completion (A > 0: un-reweighted,
+    return-weighted SL) and w_c = sg([ρ_c]_0^1) otherwise (truncated importance
+    sampling); A is the sequence advantage in place of the report's per-chunk return."""
+    adv = advantages[:, None] if advantages.dim() == 1 else advantages
+    w = torch.where(adv > 0, torch.ones_like(ratio), ratio.detach().clamp(0.0, 1.0))
+    return -w * adv * logps
+
+
+def aggregate_loss(per_token: torch.Tensor, mask: torch.Tensor, loss_type: str,
+                   max_len: int = 0, n_tokens: float | None = None) -> torch.Tensor:
+    """TRL GRPO's aggregations (ALGORITHMS.md Part B §1): grpo = mean over sequences of the
+    token mean; bnpo = Σ mℓ / Σ m; dr_grpo = Σ mℓ / (N·max_len); dapo = Σ mℓ / n_tokens
+    (the active tokens TRL counts for the accumulated batch; default Σ m)."""
+    mask = mask.to(per_token.dtype)
+    total = (per_token * mask).sum()
+    if loss_type == "grpo":
+        return ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
+    if loss_type == "bnpo":
+        return total / mask.sum().clamp(min=1.0)
+    if loss_type == "dr_grpo":
+        return total / (per_token.shape[0] * max_len)
+    if loss_type == "dapo":
+        return total / max(float(n_tokens if n_tokens is not None else mask.sum().item()), 1.0)
+    raise ValueError(f"chunk credit has no aggregation for loss {loss_type!r}")

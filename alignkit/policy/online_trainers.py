@@ -18,7 +18,14 @@ sampler, plus GRPOTrainer subclasses for the losses TRL lacks.
   completions with their rewards to `samples.jsonl` (samples records). The reference
   is a separate model (full fine-tuning, `--ref-model`, ipo-md) or, with LoRA, the
   base with the adapter disabled.
-- `AlignkitGRPOTrainer`: TRL's GRPO loss unchanged (grpo).
+- Every trainer: `entropy_coef` C (--entropy-coef) makes the loss loss − C·Ĥ, Ĥ the
+  mean token entropy (TRL's fused head, which keeps the gradient) over the tokens the
+  loss acts on (earl: the gated tokens), divided by the gradient accumulation like the
+  loss (online_losses.entropy_bonus); `entropy_bonus/entropy` (Ĥ) and `entropy_bonus`
+  (C·Ĥ) go to metrics.jsonl. TRL's own `entropy_coef` stays 0 (it exists for GRPO
+  only); the trainers whose loss is TRL's take the entropies of TRL's loss pass.
+- `AlignkitGRPOTrainer`: TRL's GRPO loss unchanged (grpo), or with `credit="chunk"`
+  IPA's chunk-level ratios and clip (ALGORITHMS.md Part D §4, `_GRPOCredit`; earl too).
 - `GTPOTrainer`: GTPO (TRL has no GTPO): conflict-token weights and the entropy filter
   of ALGORITHMS.md Part B §2 (online_losses.py); no reference model in the loss.
 - `EARLTrainer`: EARL (TRL has only the batch-scope gate `top_entropy_quantile`): the
@@ -46,6 +53,7 @@ from trl import GRPOTrainer, RLOOTrainer
 from trl.models import prepare_deepspeed, prepare_fsdp, unwrap_model_for_generation
 from trl.trainer.utils import add_fused_lm_head, disable_dropout_in_model, split_tensor_dict, use_adapter
 
+from .. import console
 from ..errors import UsageError
 from ..generation import SampleParams, encode_prompt, sample, token_logps
 from ..io import dumps
@@ -83,11 +91,6 @@ def as_completion(text: str, prompt: Text):
     return text if isinstance(prompt, str) else [{"role": "assistant", "content": text}]
 
 
-class _NullTask:
-    def advance(self, n: int = 1, **_):
-        pass
-
-
 class OnlineMixin:
     """Sampling, the reference, `kl_ref` and samples.jsonl for TRL's online trainers.
 
@@ -95,7 +98,13 @@ class OnlineMixin:
     its own (it would reload the policy's folder); `ref_model` (or, with LoRA and no
     `ref_model`, the adapter-disabled policy) is the reference."""
 
-    def __init__(self, *args, ctx: OnlineContext, ref_model=None, **kwargs):
+    ak_entropy_coef = 0.0   # class defaults: a trainer built without __init__ (tests) has them
+    _ak_last_entropies = None
+
+    def __init__(self, *args, ctx: OnlineContext, ref_model=None, entropy_coef: float = 0.0,
+                 **kwargs):
+        self.ak_entropy_coef = float(entropy_coef)  # --entropy-coef C: loss - C * H
+        self._ak_last_entropies = None
         cfg = kwargs["args"]
         beta, cfg.beta = cfg.beta, 0.0
         try:
@@ -146,6 +155,28 @@ class OnlineMixin:
                 out["completion_ids"].size(1), batch_size=self.args.per_device_train_batch_size)
         return logps
 
+    # --- the entropy bonus (--entropy-coef) -------------------------------------------------
+    def _get_per_token_logps_and_entropies(self, *args, **kwargs):
+        """TRL's, keeping the last entropies (with gradient in the loss pass) for the bonus
+        of the trainers whose loss is TRL's own (grpo, earl, rloo)."""
+        out = super()._get_per_token_logps_and_entropies(*args, **kwargs)
+        self._ak_last_entropies = out[1]
+        return out
+
+    def _ak_entropy_term(self, loss: torch.Tensor, entropies, mask: torch.Tensor,
+                         scale: float = 1.0) -> torch.Tensor:
+        """loss − C·Ĥ/scale (online_losses.entropy_bonus: the token mean over `mask`, the
+        tokens the loss acts on; `scale` the loss's own gradient-accumulation divisor).
+        Logs `entropy_bonus/entropy` (Ĥ) and `entropy_bonus` (C·Ĥ) when C > 0."""
+        if not self.ak_entropy_coef or entropies is None:
+            return loss
+        h = L.entropy_bonus(entropies, mask)
+        metrics = self._metrics["train" if self.model.training else "eval"]
+        world = _global_mean(self, entropies.detach(), mask.to(entropies.dtype))
+        metrics["entropy_bonus/entropy"].append(world)
+        metrics["entropy_bonus"].append(self.ak_entropy_coef * world)
+        return loss - self.ak_entropy_coef * h / scale
+
     # --- sampling --------------------------------------------------------------------------
     def _tokenize_prompts(self, prompts: list):
         """The dataset's `prompt` is the chat-templated text; encode it as the sampler does."""
@@ -178,7 +209,7 @@ class OnlineMixin:
             else:
                 groups = sample(model, self._ak.tokenizer, unique, params, raw=True, ref_model=ref,
                                 alpha=self._ak.alpha, keys=keys, return_ids=True,
-                                progress=_NullTask())
+                                progress=console.NullTask())
             rows = [row for group in groups for row in group]
             if ref is None or engine is not None:
                 # teacher-forced reference log-probs: the HF sampler gives them with a
@@ -301,16 +332,95 @@ class _GRPOBase(OnlineMixin, GRPOTrainer):
         return self.current_gradient_accumulation_steps if self.model.training else 1.0
 
 
-class AlignkitGRPOTrainer(_GRPOBase):
+class _GRPOCredit(_GRPOBase):
+    """TRL's GRPO loss (grpo, earl), with the entropy bonus (--entropy-coef, over the tokens
+    the PG term acts on) and, with `credit="chunk"`, IPA's chunk-level credit: the
+    completion split into chunks (`chunk_by`, online_losses.chunk_ids on the decoded
+    token texts, once per rollout), the ratio per chunk (geometric mean of the token
+    ratios), GRPO's clip on it (`chunk_clip="ppo"`) or IPA's TOPR split ("ipa": A > 0
+    plain SL, else ρ_c truncated to [0, 1]), the sequence advantage, EARL's gate where the method
+    has one, the k3 KL per token and TRL's aggregation for --loss
+    (online_losses.chunk_clipped_loss / aggregate_loss)."""
+
+    credit, chunk_by, chunk_clip, _ak_gate = "token", "newline", "ppo", None
+
+    def __init__(self, *args, credit: str = "token", chunk_by: str | None = None,
+                 chunk_clip: str = "ppo", **kwargs):
+        self.credit, self.chunk_by, self.chunk_clip = credit, chunk_by or "newline", chunk_clip
+        self._ak_gate = None
+        super().__init__(*args, **kwargs)
+
+    def _generate_and_score_completions(self, inputs):
+        out = super()._generate_and_score_completions(inputs)
+        if self.credit == "chunk":
+            ids, mask = out["completion_ids"], out["completion_mask"]
+            chunk = torch.zeros_like(ids)
+            for i in range(ids.size(0)):
+                n = int(mask[i].sum().item())
+                if n:
+                    row = ids[i, :n].tolist()
+                    chunk[i, :n] = L.chunk_ids(L.token_pieces(self._ak.tokenizer, row), self.chunk_by)
+            out["chunk_ids"] = chunk
+        return out
+
+    def _compute_loss(self, model, inputs):
+        self._ak_last_entropies, self._ak_gate = None, None
+        if self.credit == "chunk":
+            return self._chunk_loss(model, inputs)
+        loss = super()._compute_loss(model, inputs)
+        mask = (inputs["completion_mask"] * inputs.get("tool_mask", 1)).float()
+        if self._ak_gate is not None:  # earl: the bonus acts on the gated tokens, as the PG term
+            mask = mask * self._ak_gate.float()
+        return self._ak_entropy_term(loss, self._ak_last_entropies, mask, self._ga_scale())
+
+    def _chunk_loss(self, model, inputs):
+        logps, entropies = self._forward(model, inputs)
+        mask = inputs["completion_mask"].float()
+        old = inputs.get("old_per_token_logps")
+        old = logps.detach() if old is None else old
+        adv = inputs["advantages"]
+        ratio, rho, counts = L.chunk_ratios(logps, old, inputs["chunk_ids"], mask)
+        if self.chunk_clip == "ipa":
+            per = L.chunk_topr_loss(logps, ratio, adv)
+        else:
+            per = L.chunk_clipped_loss(ratio, adv, self.epsilon_low, self.epsilon_high)
+        bonus_mask = mask
+        if self.top_entropy_quantile < 1.0:  # earl's gate (TRL applies it before the KL)
+            gate = self.get_high_entropy_mask(entropies, mask, 1 - self.top_entropy_quantile).float()
+            per, bonus_mask = per * gate, mask * gate
+        if self.beta != 0.0:
+            d = inputs["ref_per_token_logps"] - logps
+            per = per + self.beta * (torch.exp(d) - d - 1)
+        mode = "train" if self.model.training else "eval"
+        if self.loss_type == "dapo":  # TRL's normaliser: the active tokens of the window
+            n = inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
+            if mode == "train":
+                n = n * self.current_gradient_accumulation_steps / self.args.steps_per_generation
+            loss = L.aggregate_loss(per, mask, "dapo", n_tokens=float(n))
+        else:
+            loss = L.aggregate_loss(per, mask, self.loss_type, self.max_completion_length)
+            loss = loss / self._ga_scale()
+        metrics = self._metrics[mode]
+        real = (counts > 0).float()
+        a = adv[:, None] if adv.dim() == 1 else adv[:, :1]
+        clipped = ((rho < 1 - self.epsilon_low) & (a < 0)) | ((rho > 1 + self.epsilon_high) & (a > 0))
+        metrics["chunk/per_completion"].append(self.accelerator.gather(real.sum(-1)).mean().item())
+        metrics["chunk/clip_frac"].append(_global_mean(self, clipped.float(), real))
+        metrics["entropy"].append(_global_mean(self, entropies.detach(), mask))
+        return self._ak_entropy_term(loss, entropies, bonus_mask, self._ga_scale())
+
+
+class AlignkitGRPOTrainer(_GRPOCredit):
     """grpo: TRL's GRPO loss (every `loss_type`, `scale_rewards`, GSPO's sequence-level
-    importance sampling, k3 KL with `beta`)."""
+    importance sampling, k3 KL with `beta`), or the chunk credit (see _GRPOCredit)."""
 
 
-class EARLTrainer(_GRPOBase):
+class EARLTrainer(_GRPOCredit):
     """earl: TRL has no EARL. GRPO with the policy-gradient term gated to high-entropy
     tokens (ALGORITHMS.md Part B §3): TRL's `top_entropy_quantile` gate over the batch,
     or, with scope "response", the same quantile taken within each response. The KL
-    term is kept (TRL adds it after the gate)."""
+    term is kept (TRL adds it after the gate). With credit="chunk" the gate multiplies
+    the chunk terms per token."""
 
     def __init__(self, *args, entropy_scope: str = "batch", **kwargs):
         self.entropy_scope = entropy_scope
@@ -323,6 +433,7 @@ class EARLTrainer(_GRPOBase):
             gate = super().get_high_entropy_mask(entropies, mask, threshold)
         self._metrics["train" if self.model.training else "eval"]["earl/gate_frac"].append(
             _global_mean(self, gate.float(), mask.float()))
+        self._ak_gate = gate
         return gate
 
 
@@ -364,7 +475,7 @@ class GTPOTrainer(_GRPOBase):
         self._metrics[mode]["entropy"].append(_global_mean(self, entropies.detach(), mask))
         filtered = (h > self.entropy_threshold).float()
         self._metrics[mode]["gtpo/filtered"].append(self.accelerator.gather(filtered).mean().item())
-        return loss / self._ga_scale()
+        return self._ak_entropy_term(loss, entropies, mask) / self._ga_scale()
 
 
 class PairTrainer(_GRPOBase):
@@ -443,7 +554,7 @@ class PairTrainer(_GRPOBase):
             loss = (per * keep).sum() / keep.sum().clamp(min=1)
             metrics["ipo/h"].append(self.accelerator.gather(h.detach()).mean().item())
         metrics["entropy"].append(_global_mean(self, entropies.detach(), mask))
-        return loss / self._ga_scale()
+        return self._ak_entropy_term(loss, entropies, mask) / self._ga_scale()
 
     def _save_checkpoint(self, model, trial):
         super()._save_checkpoint(model, trial)
@@ -466,3 +577,10 @@ class AlignkitRLOOTrainer(OnlineMixin, RLOOTrainer):
 
     def _generate_single_turn(self, prompt_ids, images, multimodal_fields):
         return self._ak_generate(prompt_ids)
+
+    def _compute_loss(self, model, inputs):
+        """TRL's RLOO loss (unscaled: the HF Trainer divides it by the accumulation) − C·Ĥ."""
+        self._ak_last_entropies = None
+        loss = super()._compute_loss(model, inputs)
+        return self._ak_entropy_term(loss, self._ak_last_entropies,
+                                     inputs["completion_mask"].float())
