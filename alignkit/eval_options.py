@@ -25,5 +25,6 @@ class EvalOptions:
     kl: bool = True
     topk: bool = True
     kl_samples: int = 1          # temperature-1 samples per prompt for the KL estimate
+    value_guides: list = field(default_factory=list)  # --value-guide [{"dir", "beta"}]: --model only
     scoring: ScorerOptions = field(default_factory=ScorerOptions)
     engines: EngineOptions = field(default_factory=EngineOptions)  # samples; KL stays hf

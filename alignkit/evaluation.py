@@ -46,12 +46,18 @@ def generate(model_spec: str, prompts: list[dict], opts: EvalOptions, label: str
                                    keys=[str(p["id"]) for p in prompts])
     else:
         model, tok = load_causal_lm(model_spec, opts.dtype, merged=True)
+        guides = None
+        if opts.value_guides and label != "baseline":  # VAS guides --model's sampling only
+            from .reward_models.value import load_guides
+            guides = load_guides(opts.value_guides, model, opts.dtype)
         groups = sample(model, tok, texts, params, system=opts.system,
-                        progress_desc=f"generating ({label})")
+                        progress_desc=f"generating ({label})", guides=guides)
     gen = {"model": str(model_spec), "model_sha256": model_sha256(resolve(model_spec)),
            "temperature": opts.temperature, "top_p": opts.top_p,
            "max_new_tokens": opts.max_new_tokens, "seed": opts.seed,
            "engine": opts.engines.record_name}
+    if opts.value_guides and label != "baseline":
+        gen["value_guides"] = [dict(g) for g in opts.value_guides]
     out = []
     for p, comps in zip(prompts, groups):
         out.append({**p, "completions": [{k: c[k] for k in c if k not in ("finished", "token_ids")}
@@ -162,6 +168,10 @@ def model_metrics(records: list[dict], opts: EvalOptions) -> dict:
     if sizes and min(sizes) >= 8 and all(c.get("score") is not None for r in records for c in r["completions"]):
         out["best_of_n"] = stats.best_of_n_curve(
             [[c["score"] for c in r["completions"]] for r in records])
+    from .rerank import rerank_metrics  # best-of-N / weighted vote against meta.answer
+    rerank = rerank_metrics(records)
+    if rerank:
+        out["rerank"] = rerank
     return out
 
 

@@ -47,6 +47,7 @@ class GenPairsOptions:
     resume_from: str | None = None
     allow_pickle: bool = False
     trust_remote_code: bool = False
+    value_guides: list = field(default_factory=list)  # [{"dir", "beta"}] (--value-guide)
 
     @property
     def mode(self) -> str:
@@ -85,6 +86,8 @@ class GenPairsOptions:
             raise UsageError(f"--engine {self.engines.engine} supports plain sampling only; pairing "
                              "modes (--pair-with-reference, --mixture, --contrast-prompt) need --engine hf")
         self.engines.check()
+        if self.value_guides and self.engines.uses_vllm:
+            raise UsageError("--value-guide needs --engine hf")
         if self.dtype not in _DTYPES:
             raise UsageError(f"--dtype must be one of {', '.join(_DTYPES)}, got {self.dtype!r}")
         if self.system and self.raw:
@@ -292,6 +295,11 @@ class _Pipeline:
         elif opts.mode == "contrast":
             extra["pairing"] = "contrast"
             extra["contrast_field"] = opts.contrast_prompt
+        self.guides = None
+        if opts.value_guides:
+            from .reward_models.value import load_guides
+            self.guides = load_guides(opts.value_guides, self.model, opts.dtype)
+            extra["value_guides"] = [dict(g) for g in opts.value_guides]
         self.gen = _gen_block(opts, spec, self.sha, **extra)
         self.tokens = 0
         self.retokenized = 0  # samples re-scored on their text's own tokens
@@ -308,7 +316,7 @@ class _Pipeline:
         else:
             res = sample(self.model, self.tok, prompts, o.params, system=o.system, raw=o.raw,
                          ref_model=self.ref, alpha=o.alpha or 0.0, keys=keys, return_ids=True,
-                         progress=task)
+                         progress=task, guides=self.guides)
         self._retokenize(prompts, res)
         self.tokens += sum(s["n_tokens"] for group in res for s in group)
         return res

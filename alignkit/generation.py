@@ -219,6 +219,30 @@ def _search(cdf, target):
     return torch.minimum(idx, last)
 
 
+# --- value guides (VAS, ALGORITHMS.md Part B §12) -------------------------------------------
+
+VAS_TOP_K = 10  # candidates per step whose logits a value guide adjusts
+
+
+def vas_adjust(logits, idx, values, betas):
+    """z'(a) = z(a) + Σ_i β_i·(V_i(s·a) − mean_topk V_i) for the candidates idx (R, k);
+    the other tokens keep z. `values`: one (R, k) tensor per guide."""
+    out = logits.clone()
+    bonus = sum(b * (v.to(out) - v.to(out).mean(-1, keepdim=True)) for v, b in zip(values, betas))
+    return out.scatter_add_(1, idx, bonus)
+
+
+def _guided(logits, guides, mask, pos):
+    """The sampling logits with every guide's VAS term: top-k of `logits` (the logits
+    tokens are drawn from, before temperature), V(s·a) of each candidate from each guide
+    (`guide.values(cand, mask + candidate column, position)`)."""
+    import torch
+    idx = torch.topk(logits, min(VAS_TOP_K, logits.shape[-1]), dim=-1).indices
+    m = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
+    vals = [g.values(idx, m, pos + 1) for g in guides]
+    return vas_adjust(logits, idx, vals, [g.beta for g in guides])
+
+
 # --- the decode loop ------------------------------------------------------------------------
 
 def forward_keep(model, keep: int, **kw):
@@ -248,9 +272,11 @@ def _step(model, cache, tok, mask, pos):
 
 
 def _sample_batch(model, prompt_ids: list[list[int]], seeds: list[int], params: SampleParams,
-                  stop_ids: set[int], pad_id: int, ref_model=None, alpha: float = 0.0) -> list[dict]:
+                  stop_ids: set[int], pad_id: int, ref_model=None, alpha: float = 0.0,
+                  guides=None) -> list[dict]:
     """Sample `params.n` rows per prompt; returns B*n dicts in (prompt, j) order with
-    token_ids, logp (model, temperature 1), and logp_ref / logp_mix with a ref model."""
+    token_ids, logp (model, temperature 1), and logp_ref / logp_mix with a ref model.
+    `guides`: value guides (`sample`) that shift the sampling logits, not `logp`."""
     import torch
     device = model_device(model)
     n, steps = params.n, params.max_new_tokens
@@ -260,6 +286,8 @@ def _sample_batch(model, prompt_ids: list[list[int]], seeds: list[int], params: 
     if ref_model is not None:
         rlogits, rcache = _prefill(ref_model, ids.to(model_device(ref_model)), mask.to(model_device(ref_model)),
                                    pos.to(model_device(ref_model)), rep.to(model_device(ref_model)))
+    for g in guides or ():
+        g.start(ids, mask, pos, rep)
     mask, pos = mask[rep], pos[rep, -1]
     rows_total = len(rep)
     uniforms = torch.stack([torch.rand(steps, dtype=torch.float64,
@@ -280,8 +308,10 @@ def _sample_batch(model, prompt_ids: list[list[int]], seeds: list[int], params: 
                 alpha * (rlogits - torch.logsumexp(rlogits, dim=-1, keepdim=True))
             dist.update(logp_ref=(rlogits, torch.logsumexp(rlogits, dim=-1)),
                         logp_mix=(mix, torch.logsumexp(mix, dim=-1)))
-        tok = pick_tokens(dist["logp_mix"][0] if ref_model is not None else logits,
-                    uniforms[rows, t], params)
+        drawn = dist["logp_mix"][0] if ref_model is not None else logits
+        if guides:
+            drawn = _guided(drawn, guides, mask, pos)
+        tok = pick_tokens(drawn, uniforms[rows, t], params)
         for name, (lg, norm) in dist.items():
             sums[name][rows] += (lg.gather(1, tok[:, None]).squeeze(1) - norm).double().cpu()
         done = []
@@ -299,12 +329,16 @@ def _sample_batch(model, prompt_ids: list[list[int]], seeds: list[int], params: 
             rows, tok, mask, pos = rows[keep], tok[keep_d], mask[keep_d], pos[keep_d]
             if ref_model is not None:
                 rcache.reorder_cache(keep.to(model_device(ref_model)))
+            for g in guides or ():
+                g.keep(keep_d)
         mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
         pos = pos + 1
         logits = _step(model, cache, tok, mask, pos)
         if ref_model is not None:
             rd = model_device(ref_model)
             rlogits = _step(ref_model, rcache, tok.to(rd), mask.to(rd), pos.to(rd))
+        for g in guides or ():
+            g.advance(tok, mask, pos)
     out = []
     for r in range(rows_total):
         row = {"token_ids": tokens[r], "finished": finished[r]}
@@ -315,7 +349,8 @@ def _sample_batch(model, prompt_ids: list[list[int]], seeds: list[int], params: 
 
 def sample(model, tokenizer, prompts: list, params: SampleParams, *, system: str | None = None,
            raw: bool = False, ref_model=None, alpha: float = 0.0, progress_desc: str = "sampling",
-           keys: list[str] | None = None, return_ids: bool = False, progress=None) -> list[list[dict]]:
+           keys: list[str] | None = None, return_ids: bool = False, progress=None,
+           guides=None) -> list[list[dict]]:
     """Sample `params.n` completions for each prompt (a string or a message list).
 
     Returns, per prompt, n dicts `{"text", "logp", "n_tokens", "finished"}`:
@@ -329,6 +364,14 @@ def sample(model, tokenizer, prompts: list, params: SampleParams, *, system: str
       `logp` stays the log-probability under `model`, and the dicts also carry
       `logp_ref` (under `ref_model`) and `logp_mix` (under the untempered mixture);
     - `token_ids` too when `return_ids`.
+
+    `guides` (Value Augmented Sampling; e.g. `reward_models.value.load_guides`): at each
+    step the top-k (VAS_TOP_K = 10) tokens of the sampling logits z get
+    z(a) + Σ_i β_i·(V_i(s·a) − mean_topk V_i), the other tokens keep z (ALGORITHMS.md
+    Part B §12), before temperature/top-k/top-p; `logp` stays the base model's. A guide
+    has `beta`, `start(ids, mask, pos, rep)`, `values(cand, mask, pos) -> (R, k)`,
+    `advance(tok, mask, pos)` and `keep(rows)`. Guided sampling uses the batch loop
+    (not the slots).
 
     Randomness: sample j of prompt i uses its own stream seeded by
     (params.seed, keys[i], j); `keys` default to the prompts' positions, so callers that
@@ -352,7 +395,7 @@ def sample(model, tokenizer, prompts: list, params: SampleParams, *, system: str
 
     def run(task):
         with _no_grad(model), _eval_mode(model, ref_model):
-            if ref_model is None and slots.supported(model):
+            if ref_model is None and not guides and slots.supported(model):
                 def done(k, rows):
                     i = order[k]
                     results[i] = [finish_row(tokenizer, r, stops, return_ids) for r in rows]
@@ -364,7 +407,7 @@ def sample(model, tokenizer, prompts: list, params: SampleParams, *, system: str
                 idx = order[start:start + params.batch_size]
                 seeds = [row_seed(params.seed, keys[i], j) for i in idx for j in range(params.n)]
                 rows = _sample_batch(model, [encoded[i] for i in idx], seeds, params, stops, pad,
-                                     ref_model, alpha)
+                                     ref_model, alpha, guides)
                 for b, i in enumerate(idx):
                     results[i] = [finish_row(tokenizer, r, stops, return_ids)
                                   for r in rows[b * params.n:(b + 1) * params.n]]

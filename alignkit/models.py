@@ -310,7 +310,7 @@ def plain_base(spec: str | Path, *, task_type: str = "CAUSAL_LM", dtype: str = "
     return target.resolve()
 
 
-def _check_weights(folder: Path, allow_pickle: bool) -> None:
+def check_weights(folder: Path, allow_pickle: bool) -> None:
     if any(folder.glob("*.safetensors")):
         return
     pickles = [p.name for p in folder.glob("*.bin")] + [p.name for p in folder.glob("*.pt")]
@@ -369,7 +369,7 @@ def load_causal_lm(spec: str | Path, dtype: str = "auto", *, allow_pickle: bool 
     folder = resolve(spec)
     base = adapter_base(folder)
     weights_dir = resolve(base) if base else folder
-    _check_weights(weights_dir, allow_pickle)
+    check_weights(weights_dir, allow_pickle)
     model = AutoModelForCausalLM.from_pretrained(
         weights_dir, dtype=torch_dtype(dtype), trust_remote_code=trust_remote_code,
         use_safetensors=not allow_pickle)
@@ -396,7 +396,7 @@ def load_seq_cls(spec: str | Path, dtype: str = "auto", *, num_labels: int = 1,
     folder = resolve(spec)
     base = adapter_base(folder)
     weights_dir = resolve(base) if base else folder
-    _check_weights(weights_dir, allow_pickle)
+    check_weights(weights_dir, allow_pickle)
     model = AutoModelForSequenceClassification.from_pretrained(
         weights_dir, num_labels=num_labels, dtype=torch_dtype(dtype),
         trust_remote_code=trust_remote_code, use_safetensors=not allow_pickle)

@@ -207,6 +207,19 @@ def lora_config(opts: TrainOptions, task_type: str = "CAUSAL_LM"):
                       target_modules=targets, task_type=task_type)
 
 
+def with_lora(model, opts: TrainOptions):
+    """`(model, lora)`: the model wrapped in a fresh LoRA adapter from the flags (input
+    gradients enabled under --gradient-checkpointing), or unchanged with lora None when
+    --lora-r is 0. For alignkit's own training loops; TRL's trainers take `peft_config`."""
+    lora = lora_config(opts)
+    if lora is None:
+        return model, None
+    from peft import get_peft_model
+    if opts.gradient_checkpointing:
+        model.enable_input_require_grads()
+    return get_peft_model(model, lora), lora
+
+
 def _agree(trainer):
     """A function flag -> flag, true on every rank when it is true on any: a signal can
     reach the ranks of a distributed run at different steps, and a rank that stops alone
@@ -505,7 +518,7 @@ def finish_folder(tmp: Path, work: Path, data: dict, final: Path | None = None) 
     folder (metrics.jsonl, samples.jsonl of online methods, the tracker's `runs/`),
     alignkit.json (`data`) and README.md, the model card made from it (replacing PEFT's
     boilerplate). `final`: the path the folder will have (named in the card)."""
-    for log in ("metrics.jsonl", "samples.jsonl"):
+    for log in ("metrics.jsonl", "samples.jsonl", "rubrics.jsonl"):  # rubrics: MPO (policy/mpo.py)
         if (work / log).exists():
             shutil.copy2(work / log, tmp / log)
     if (work / "runs").is_dir():

@@ -45,6 +45,16 @@ def trust_remote_code_opt():
     return typer.Option(False, "--trust-remote-code", help="Allow model code from the folder.")
 
 
+def value_guide_opt():
+    """`--value-guide DIR[:BETA]` (gen-pairs, eval): parse with
+    `alignkit.reward_models.value.parse_guides`."""
+    return typer.Option(None, "--value-guide", metavar="DIR[:BETA]",
+                        help="Value Augmented Sampling: a `train-rm --method value` folder whose "
+                             "V(s·a) shifts the top-10 logits by BETA·(V − mean V) (BETA "
+                             "default 1.0; repeat to sum several guides). Records name the "
+                             "guides in gen.value_guides; logp stays the base model's.")
+
+
 def config_note() -> str:
     return ("Flags from a YAML or TOML file (keys: flag names); command-line flags win, an "
             "unknown key is an error.")

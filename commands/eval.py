@@ -7,7 +7,7 @@ from alignkit.engines import EngineOptions  # light: dataclasses
 from alignkit.eval_options import EvalOptions
 from alignkit.scorers.options import ScorerOptions
 
-from ._common import dtype_opt, force_opt, input_arg, seed_opt, with_params
+from ._common import dtype_opt, force_opt, input_arg, seed_opt, value_guide_opt, with_params
 from .score import scorer_opt
 
 
@@ -36,6 +36,7 @@ def eval_cmd(
     seed: int = seed_opt(),
     dtype: str = dtype_opt(),
     force: bool = force_opt("Replace an existing non-empty --report folder."),
+    value_guide: list[str] = value_guide_opt(),
     scoring: ScorerOptions = None,
     engines: EngineOptions = None,
 ) -> None:
@@ -57,9 +58,13 @@ def eval_cmd(
     from alignkit.io import (RecordWriter, check_output_dir, check_output_file, load_records,
                              manifest, write_manifest)
     from alignkit.scorers import parse_weights
+    from alignkit.reward_models.value import parse_guides
     from alignkit.report import write_report
 
     started = time.time()
+    guides = parse_guides(value_guide)
+    if guides and (not model or engines.uses_vllm):
+        raise UsageError("--value-guide guides the sampling of --model, with --engine hf")
     w = parse_weights(weights, len(scorer)) if weights else None
     if (baseline or baseline_samples) and not model:
         raise UsageError("--baseline/--baseline-samples need --model")
@@ -71,7 +76,7 @@ def eval_cmd(
     opts = EvalOptions(scorers=list(scorer), weights=w, n=num_samples, temperature=temperature,
                        top_p=top_p, max_new_tokens=max_new_tokens, batch_size=batch_size,
                        seed=seed, dtype=dtype, system=system, n_boot=n_boot, kl=not no_kl, kl_samples=kl_samples,
-                       scoring=scoring, engines=engines.check())
+                       scoring=scoring, engines=engines.check(), value_guides=guides)
     kind = "prompt" if model else "samples"
     records = load_records(data, kind, unique_ids=True)
     if limit:

@@ -7,7 +7,7 @@ from alignkit.engines import EngineOptions  # light: dataclasses
 from alignkit.generation import SampleParams
 
 from ._common import (allow_pickle_opt, dtype_opt, input_arg, output_opt, seed_opt,
-                      shard_opt, trust_remote_code_opt, with_params)
+                      shard_opt, trust_remote_code_opt, value_guide_opt, with_params)
 
 
 @with_params(engines=EngineOptions)
@@ -51,6 +51,7 @@ def gen_pairs(
              "(a truncated last line is ignored; FILE may be the -o path)."),
     allow_pickle: bool = allow_pickle_opt(),
     trust_remote_code: bool = trust_remote_code_opt(),
+    value_guide: list[str] = value_guide_opt(),
     engines: EngineOptions = None,
 ) -> None:
     """Sample N completions per prompt (samples records), or pairs in a pairing mode.
@@ -74,6 +75,7 @@ def gen_pairs(
     """
     from alignkit.gen_pairs import GenPairsOptions, run_gen_pairs
     from alignkit.io import parse_shard
+    from alignkit.reward_models.value import parse_guides
 
     pairing = bool(pair_with_reference or contrast_prompt)
     params = SampleParams(
@@ -84,7 +86,8 @@ def gen_pairs(
         model=model, params=params, dtype=dtype, system=system, raw=raw, engines=engines,
         pair_with_reference=pair_with_reference, mixture=mixture, alpha=alpha,
         contrast_prompt=contrast_prompt, shard=parse_shard(shard), resume_from=resume_from,
-        allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+        allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
+        value_guides=parse_guides(value_guide))
     run_gen_pairs(input, output, opts)
 
 

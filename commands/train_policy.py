@@ -52,7 +52,9 @@ def train_policy(
                                      "score` (rules, rm:DIR, judge:MODEL, python:MOD:FN, length...; "
                                      "repeatable or a comma list)."),
     reward_weights: str = typer.Option(None, "--reward-weights",
-                                       help="Online: weights of the --reward scorers, e.g. 1,0.5."),
+                                       help="Online: weights of the --reward scorers, e.g. 1,0.5; or "
+                                            "learn:PRIMARY (grpo, earl, gtpo: BARFI learns the other "
+                                            "rewards' weights, see --blend-lr)."),
     opt: list[str] = typer.Option(None, "--opt", help="KEY=VALUE: any setting of the TRL config "
                                   "class (repeatable; JSON values), e.g. --opt discopop_tau=0.05."),
     allow_pickle: bool = allow_pickle_opt(),

@@ -13,8 +13,10 @@ from ._common import input_arg, train_command, with_params, check_training_outpu
 @train_command
 @with_params(cfg=RMConfig, params=RM_METHODS)
 def train_rm(
-    pairs: str = input_arg("Pairs JSONL (prompt, chosen, rejected; optional margin (used "
-                           "with --margin), meta.user, meta.subset); '-' reads stdin."),
+    pairs: str = input_arg("Training JSONL; '-' reads stdin. bt/pal/maxmin/crm: pairs "
+                           "(prompt, chosen, rejected; optional margin (used with --margin), "
+                           "meta.user, meta.subset); value: scored samples; prm: step-labelled "
+                           "records (prompt, completions as steps, labels)."),
     method: str = typer.Option("bt", "--method",
                                help=" | ".join(RM_METHODS.names()) + " (see --list-methods)."),
     model: Optional[str] = typer.Option(None, "--model", "-m",
@@ -43,6 +45,11 @@ def train_rm(
     crm: two peers that filter each other's noisy pairs (--noise-rate); the
     peer with the better held-out accuracy is written (ties: model A), the
     other goes to OUT/peer/.
+
+    prm: a process reward model, P(step correct) at each step's last token
+    (TRL's PRM format); `score -s prm:OUT --aggregate min|prod|last|mean`.
+    value: a VAS value model on scored samples of the frozen policy (TD(λ)
+    targets, --gamma, --lam), for `gen-pairs`/`eval --value-guide OUT[:BETA]`.
 
     Each method takes the flags listed after its name in --list-methods; a flag of
     another method is ignored with a warning.

@@ -3,6 +3,7 @@ complete -c alignkit -n '__fish_use_subcommand' -f -a distill
 complete -c alignkit -n '__fish_use_subcommand' -f -a env
 complete -c alignkit -n '__fish_use_subcommand' -f -a eval
 complete -c alignkit -n '__fish_use_subcommand' -f -a gen-pairs
+complete -c alignkit -n '__fish_use_subcommand' -f -a gen-rubrics
 complete -c alignkit -n '__fish_use_subcommand' -f -a lineage
 complete -c alignkit -n '__fish_use_subcommand' -f -a merge-soup
 complete -c alignkit -n '__fish_use_subcommand' -f -a models
@@ -83,6 +84,9 @@ complete -c alignkit -n '__fish_seen_subcommand_from eval' -l baseline -r -a 'sm
 complete -c alignkit -n '__fish_seen_subcommand_from eval' -l baseline-samples -r
 complete -c alignkit -n '__fish_seen_subcommand_from eval' -l batch-size -r
 complete -c alignkit -n '__fish_seen_subcommand_from eval' -l calibrate -r
+complete -c alignkit -n '__fish_seen_subcommand_from eval' -l code-memory-mb -r
+complete -c alignkit -n '__fish_seen_subcommand_from eval' -l code-timeout -r
+complete -c alignkit -n '__fish_seen_subcommand_from eval' -l code-workers -r
 complete -c alignkit -n '__fish_seen_subcommand_from eval' -l config -r
 complete -c alignkit -n '__fish_seen_subcommand_from eval' -l dtype -r
 complete -c alignkit -n '__fish_seen_subcommand_from eval' -l engine -r
@@ -99,13 +103,18 @@ complete -c alignkit -n '__fish_seen_subcommand_from eval' -l pairs -r
 complete -c alignkit -n '__fish_seen_subcommand_from eval' -l quiet
 complete -c alignkit -n '__fish_seen_subcommand_from eval' -l replicas -r
 complete -c alignkit -n '__fish_seen_subcommand_from eval' -l report -r
+complete -c alignkit -n '__fish_seen_subcommand_from eval' -l rollout-max-new-tokens -r
+complete -c alignkit -n '__fish_seen_subcommand_from eval' -l rollout-seed -r
+complete -c alignkit -n '__fish_seen_subcommand_from eval' -l rollout-temperature -r
+complete -c alignkit -n '__fish_seen_subcommand_from eval' -l rollouts -r
 complete -c alignkit -n '__fish_seen_subcommand_from eval' -l rubric -r
 complete -c alignkit -n '__fish_seen_subcommand_from eval' -l samples-out -r
-complete -c alignkit -n '__fish_seen_subcommand_from eval' -l scorer -x -a 'rules rm pairwise judge python length aepo'
+complete -c alignkit -n '__fish_seen_subcommand_from eval' -l scorer -x -a 'rules rm pairwise judge python length aepo code prm mc-rollout'
 complete -c alignkit -n '__fish_seen_subcommand_from eval' -l scorer-batch-size -r
 complete -c alignkit -n '__fish_seen_subcommand_from eval' -l scorer-device -r
 complete -c alignkit -n '__fish_seen_subcommand_from eval' -l scorer-max-length -r
 complete -c alignkit -n '__fish_seen_subcommand_from eval' -l seed -r
+complete -c alignkit -n '__fish_seen_subcommand_from eval' -l step-separator -r
 complete -c alignkit -n '__fish_seen_subcommand_from eval' -l system -r
 complete -c alignkit -n '__fish_seen_subcommand_from eval' -l temperature -r
 complete -c alignkit -n '__fish_seen_subcommand_from eval' -l tokenizer -r -a 'smollm2-135m-instruct minilm-l6 tiny-llama'
@@ -113,13 +122,15 @@ complete -c alignkit -n '__fish_seen_subcommand_from eval' -l top-p -r
 complete -c alignkit -n '__fish_seen_subcommand_from eval' -l training-metrics -r
 complete -c alignkit -n '__fish_seen_subcommand_from eval' -l transform -r
 complete -c alignkit -n '__fish_seen_subcommand_from eval' -l user -r
+complete -c alignkit -n '__fish_seen_subcommand_from eval' -l value-guide -r
 complete -c alignkit -n '__fish_seen_subcommand_from eval' -l verbose
+complete -c alignkit -n '__fish_seen_subcommand_from eval' -l verifier -r
 complete -c alignkit -n '__fish_seen_subcommand_from eval' -l weights -r
 complete -c alignkit -n '__fish_seen_subcommand_from eval' -s b -r -a 'smollm2-135m-instruct minilm-l6 tiny-llama'
 complete -c alignkit -n '__fish_seen_subcommand_from eval' -s m -r -a 'smollm2-135m-instruct minilm-l6 tiny-llama'
 complete -c alignkit -n '__fish_seen_subcommand_from eval' -s n -r
 complete -c alignkit -n '__fish_seen_subcommand_from eval' -s q
-complete -c alignkit -n '__fish_seen_subcommand_from eval' -s s -x -a 'rules rm pairwise judge python length aepo'
+complete -c alignkit -n '__fish_seen_subcommand_from eval' -s s -x -a 'rules rm pairwise judge python length aepo code prm mc-rollout'
 complete -c alignkit -n '__fish_seen_subcommand_from eval' -s v
 complete -c alignkit -n '__fish_seen_subcommand_from gen-pairs' -l allow-pickle
 complete -c alignkit -n '__fish_seen_subcommand_from gen-pairs' -l alpha -r
@@ -145,12 +156,38 @@ complete -c alignkit -n '__fish_seen_subcommand_from gen-pairs' -l temperature -
 complete -c alignkit -n '__fish_seen_subcommand_from gen-pairs' -l top-k -r
 complete -c alignkit -n '__fish_seen_subcommand_from gen-pairs' -l top-p -r
 complete -c alignkit -n '__fish_seen_subcommand_from gen-pairs' -l trust-remote-code
+complete -c alignkit -n '__fish_seen_subcommand_from gen-pairs' -l value-guide -r
 complete -c alignkit -n '__fish_seen_subcommand_from gen-pairs' -l verbose
 complete -c alignkit -n '__fish_seen_subcommand_from gen-pairs' -s m -r -a 'smollm2-135m-instruct minilm-l6 tiny-llama'
 complete -c alignkit -n '__fish_seen_subcommand_from gen-pairs' -s n -r
 complete -c alignkit -n '__fish_seen_subcommand_from gen-pairs' -s o -r
 complete -c alignkit -n '__fish_seen_subcommand_from gen-pairs' -s q
 complete -c alignkit -n '__fish_seen_subcommand_from gen-pairs' -s v
+complete -c alignkit -n '__fish_seen_subcommand_from gen-rubrics' -l allow-pickle
+complete -c alignkit -n '__fish_seen_subcommand_from gen-rubrics' -l config -r
+complete -c alignkit -n '__fish_seen_subcommand_from gen-rubrics' -l device -r
+complete -c alignkit -n '__fish_seen_subcommand_from gen-rubrics' -l drop-unkept
+complete -c alignkit -n '__fish_seen_subcommand_from gen-rubrics' -l dtype -r
+complete -c alignkit -n '__fish_seen_subcommand_from gen-rubrics' -l gen-batch-size -r
+complete -c alignkit -n '__fish_seen_subcommand_from gen-rubrics' -l judge -r
+complete -c alignkit -n '__fish_seen_subcommand_from gen-rubrics' -l judge-batch-size -r
+complete -c alignkit -n '__fish_seen_subcommand_from gen-rubrics' -l judge-max-length -r
+complete -c alignkit -n '__fish_seen_subcommand_from gen-rubrics' -l max-items -r
+complete -c alignkit -n '__fish_seen_subcommand_from gen-rubrics' -l max-new-tokens -r
+complete -c alignkit -n '__fish_seen_subcommand_from gen-rubrics' -l min-margin -r
+complete -c alignkit -n '__fish_seen_subcommand_from gen-rubrics' -l output -r
+complete -c alignkit -n '__fish_seen_subcommand_from gen-rubrics' -l quiet
+complete -c alignkit -n '__fish_seen_subcommand_from gen-rubrics' -l seed -r
+complete -c alignkit -n '__fish_seen_subcommand_from gen-rubrics' -l shard -r
+complete -c alignkit -n '__fish_seen_subcommand_from gen-rubrics' -l temperature -r
+complete -c alignkit -n '__fish_seen_subcommand_from gen-rubrics' -l to -r
+complete -c alignkit -n '__fish_seen_subcommand_from gen-rubrics' -l top-p -r
+complete -c alignkit -n '__fish_seen_subcommand_from gen-rubrics' -l tries -r
+complete -c alignkit -n '__fish_seen_subcommand_from gen-rubrics' -l trust-remote-code
+complete -c alignkit -n '__fish_seen_subcommand_from gen-rubrics' -l verbose
+complete -c alignkit -n '__fish_seen_subcommand_from gen-rubrics' -s o -r
+complete -c alignkit -n '__fish_seen_subcommand_from gen-rubrics' -s q
+complete -c alignkit -n '__fish_seen_subcommand_from gen-rubrics' -s v
 complete -c alignkit -n '__fish_seen_subcommand_from lineage' -l config -r
 complete -c alignkit -n '__fish_seen_subcommand_from lineage' -l json
 complete -c alignkit -n '__fish_seen_subcommand_from lineage' -l quiet
@@ -211,15 +248,20 @@ complete -c alignkit -n '__fish_seen_subcommand_from relabel' -l aggregate -r
 complete -c alignkit -n '__fish_seen_subcommand_from relabel' -l agree -r
 complete -c alignkit -n '__fish_seen_subcommand_from relabel' -l batch-size -r
 complete -c alignkit -n '__fish_seen_subcommand_from relabel' -l calibrate -r
+complete -c alignkit -n '__fish_seen_subcommand_from relabel' -l code-memory-mb -r
+complete -c alignkit -n '__fish_seen_subcommand_from relabel' -l code-timeout -r
+complete -c alignkit -n '__fish_seen_subcommand_from relabel' -l code-workers -r
 complete -c alignkit -n '__fish_seen_subcommand_from relabel' -l config -r
 complete -c alignkit -n '__fish_seen_subcommand_from relabel' -l dedupe
 complete -c alignkit -n '__fish_seen_subcommand_from relabel' -l dtype -r
 complete -c alignkit -n '__fish_seen_subcommand_from relabel' -l finished-only
 complete -c alignkit -n '__fish_seen_subcommand_from relabel' -l hybrid
+complete -c alignkit -n '__fish_seen_subcommand_from relabel' -l include-passing
 complete -c alignkit -n '__fish_seen_subcommand_from relabel' -l k -r
 complete -c alignkit -n '__fish_seen_subcommand_from relabel' -l keep -r
 complete -c alignkit -n '__fish_seen_subcommand_from relabel' -l length-balance -r
 complete -c alignkit -n '__fish_seen_subcommand_from relabel' -l max-length -r
+complete -c alignkit -n '__fish_seen_subcommand_from relabel' -l max-vars -r
 complete -c alignkit -n '__fish_seen_subcommand_from relabel' -l min-chosen -r
 complete -c alignkit -n '__fish_seen_subcommand_from relabel' -l min-margin -r
 complete -c alignkit -n '__fish_seen_subcommand_from relabel' -l no-system
@@ -227,6 +269,10 @@ complete -c alignkit -n '__fish_seen_subcommand_from relabel' -l output -r
 complete -c alignkit -n '__fish_seen_subcommand_from relabel' -l quantile -r
 complete -c alignkit -n '__fish_seen_subcommand_from relabel' -l quiet
 complete -c alignkit -n '__fish_seen_subcommand_from relabel' -l rm -r
+complete -c alignkit -n '__fish_seen_subcommand_from relabel' -l rollout-max-new-tokens -r
+complete -c alignkit -n '__fish_seen_subcommand_from relabel' -l rollout-seed -r
+complete -c alignkit -n '__fish_seen_subcommand_from relabel' -l rollout-temperature -r
+complete -c alignkit -n '__fish_seen_subcommand_from relabel' -l rollouts -r
 complete -c alignkit -n '__fish_seen_subcommand_from relabel' -l rubric -r
 complete -c alignkit -n '__fish_seen_subcommand_from relabel' -l scale -r
 complete -c alignkit -n '__fish_seen_subcommand_from relabel' -l scorer-batch-size -r
@@ -234,12 +280,14 @@ complete -c alignkit -n '__fish_seen_subcommand_from relabel' -l scorer-device -
 complete -c alignkit -n '__fish_seen_subcommand_from relabel' -l scorer-max-length -r
 complete -c alignkit -n '__fish_seen_subcommand_from relabel' -l seed -r
 complete -c alignkit -n '__fish_seen_subcommand_from relabel' -l shard -r
-complete -c alignkit -n '__fish_seen_subcommand_from relabel' -l strategy -x -a 'best-worst all-pairs top-k sppo reward-augmented rank unpaired filter'
+complete -c alignkit -n '__fish_seen_subcommand_from relabel' -l step-separator -r
+complete -c alignkit -n '__fish_seen_subcommand_from relabel' -l strategy -x -a 'best-worst all-pairs top-k sppo reward-augmented rank unpaired filter referee-tasks exec-trace'
 complete -c alignkit -n '__fish_seen_subcommand_from relabel' -l threshold -r
 complete -c alignkit -n '__fish_seen_subcommand_from relabel' -l tokenizer -r -a 'smollm2-135m-instruct minilm-l6 tiny-llama'
 complete -c alignkit -n '__fish_seen_subcommand_from relabel' -l transform -r
 complete -c alignkit -n '__fish_seen_subcommand_from relabel' -l user -r
 complete -c alignkit -n '__fish_seen_subcommand_from relabel' -l verbose
+complete -c alignkit -n '__fish_seen_subcommand_from relabel' -l verifier -r
 complete -c alignkit -n '__fish_seen_subcommand_from relabel' -s o -r
 complete -c alignkit -n '__fish_seen_subcommand_from relabel' -s q
 complete -c alignkit -n '__fish_seen_subcommand_from relabel' -s v
@@ -253,6 +301,9 @@ complete -c alignkit -n '__fish_seen_subcommand_from score' -l allow-pickle
 complete -c alignkit -n '__fish_seen_subcommand_from score' -l batch-size -r
 complete -c alignkit -n '__fish_seen_subcommand_from score' -l calibrate -r
 complete -c alignkit -n '__fish_seen_subcommand_from score' -l chunk -r
+complete -c alignkit -n '__fish_seen_subcommand_from score' -l code-memory-mb -r
+complete -c alignkit -n '__fish_seen_subcommand_from score' -l code-timeout -r
+complete -c alignkit -n '__fish_seen_subcommand_from score' -l code-workers -r
 complete -c alignkit -n '__fish_seen_subcommand_from score' -l config -r
 complete -c alignkit -n '__fish_seen_subcommand_from score' -l device -r
 complete -c alignkit -n '__fish_seen_subcommand_from score' -l dtype -r
@@ -260,44 +311,66 @@ complete -c alignkit -n '__fish_seen_subcommand_from score' -l hybrid
 complete -c alignkit -n '__fish_seen_subcommand_from score' -l max-length -r
 complete -c alignkit -n '__fish_seen_subcommand_from score' -l output -r
 complete -c alignkit -n '__fish_seen_subcommand_from score' -l quiet
+complete -c alignkit -n '__fish_seen_subcommand_from score' -l rollout-max-new-tokens -r
+complete -c alignkit -n '__fish_seen_subcommand_from score' -l rollout-seed -r
+complete -c alignkit -n '__fish_seen_subcommand_from score' -l rollout-temperature -r
+complete -c alignkit -n '__fish_seen_subcommand_from score' -l rollouts -r
 complete -c alignkit -n '__fish_seen_subcommand_from score' -l rubric -r
-complete -c alignkit -n '__fish_seen_subcommand_from score' -l scorer -x -a 'rules rm pairwise judge python length aepo'
+complete -c alignkit -n '__fish_seen_subcommand_from score' -l scorer -x -a 'rules rm pairwise judge python length aepo code prm mc-rollout'
 complete -c alignkit -n '__fish_seen_subcommand_from score' -l scorer-batch-size -r
 complete -c alignkit -n '__fish_seen_subcommand_from score' -l scorer-device -r
 complete -c alignkit -n '__fish_seen_subcommand_from score' -l scorer-max-length -r
 complete -c alignkit -n '__fish_seen_subcommand_from score' -l shard -r
+complete -c alignkit -n '__fish_seen_subcommand_from score' -l step-separator -r
 complete -c alignkit -n '__fish_seen_subcommand_from score' -l tokenizer -r -a 'smollm2-135m-instruct minilm-l6 tiny-llama'
 complete -c alignkit -n '__fish_seen_subcommand_from score' -l transform -r
 complete -c alignkit -n '__fish_seen_subcommand_from score' -l trust-remote-code
 complete -c alignkit -n '__fish_seen_subcommand_from score' -l user -r
 complete -c alignkit -n '__fish_seen_subcommand_from score' -l verbose
+complete -c alignkit -n '__fish_seen_subcommand_from score' -l verifier -r
 complete -c alignkit -n '__fish_seen_subcommand_from score' -l weights -r
 complete -c alignkit -n '__fish_seen_subcommand_from score' -s o -r
 complete -c alignkit -n '__fish_seen_subcommand_from score' -s q
-complete -c alignkit -n '__fish_seen_subcommand_from score' -s s -x -a 'rules rm pairwise judge python length aepo'
+complete -c alignkit -n '__fish_seen_subcommand_from score' -s s -x -a 'rules rm pairwise judge python length aepo code prm mc-rollout'
 complete -c alignkit -n '__fish_seen_subcommand_from score' -s v
 complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l aggregate -r
 complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l allow-pickle
 complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l alpha -r
 complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l batch-size -r
 complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l beta -r
+complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l blend-every -r
+complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l blend-lr -r
 complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l calibrate -r
+complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l chunk-by -r
+complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l chunk-clip -r
 complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l clip -r
+complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l code-memory-mb -r
+complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l code-timeout -r
+complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l code-workers -r
 complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l config -r
+complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l credit -r
+complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l critic -r
 complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l dtype -r
 complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l engine -r
+complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l entropy-coef -r
 complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l entropy-quantile -r
 complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l entropy-scope -r
 complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l entropy-threshold -r
 complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l epochs -r
 complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l epsilon -r
 complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l epsilon-high -r
+complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l es-lr -r
+complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l eval-pairs -r
+complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l fitness-batch -r
 complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l force
+complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l generations -r
 complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l grad-accum -r
 complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l gradient-checkpointing
 complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l grao-lambda -r
+complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l held-out -r
 complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l hybrid
 complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l importance-sampling -r
+complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l init-adapter -r
 complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l label-smoothing -r
 complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l list-methods
 complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l logging-steps -r
@@ -313,19 +386,32 @@ complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l max-length
 complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l max-new-tokens -r
 complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l max-steps -r
 complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l merge-lora
-complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l method -x -a 'sft simpo orpo kto dpo sppo copg pro grao grpo gtpo earl rloo p3o online-ipo ipo-md seppo'
+complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l meta-every -r
+complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l meta-judge -r
+complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l meta-samples -r
+complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l meta-temperature -r
+complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l method -x -a 'sft simpo orpo kto dpo sppo copg pro grao grpo gtpo earl rloo p3o online-ipo ipo-md seppo essa step-dapo urpo'
 complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l model -r -a 'smollm2-135m-instruct minilm-l6 tiny-llama'
 complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l no-record-ref
 complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l no-ref-cache
 complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l num-generations -r
+complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l off-policy -r
+complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l off-policy-clip -r
+complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l off-policy-is -r
+complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l off-policy-share -r
 complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l opt -r
 complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l output -r
+complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l popsize -r
 complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l quiet
 complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l ref-model -r -a 'smollm2-135m-instruct minilm-l6 tiny-llama'
 complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l report-to -r
 complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l resume
-complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l reward -x -a 'rules rm pairwise judge python length aepo'
+complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l reward -x -a 'rules rm pairwise judge python length aepo code prm mc-rollout'
 complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l reward-weights -r
+complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l rollout-max-new-tokens -r
+complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l rollout-seed -r
+complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l rollout-temperature -r
+complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l rollouts -r
 complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l rubric -r
 complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l sample-every -r
 complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l save-steps -r
@@ -337,7 +423,9 @@ complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l seed -r
 complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l seppo-max-snapshots -r
 complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l seppo-snapshot-every -r
 complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l sft-weight -r
+complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l sigma0 -r
 complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l simpo-gamma -r
+complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l step-separator -r
 complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l sync-every -r
 complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l temperature -r
 complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l tokenizer -r -a 'smollm2-135m-instruct minilm-l6 tiny-llama'
@@ -345,8 +433,9 @@ complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l transform 
 complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l trust-remote-code
 complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l user -r
 complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l verbose
+complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l verifier -r
 complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l warmup-ratio -r
-complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -s m -x -a 'sft simpo orpo kto dpo sppo copg pro grao grpo gtpo earl rloo p3o online-ipo ipo-md seppo'
+complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -s m -x -a 'sft simpo orpo kto dpo sppo copg pro grao grpo gtpo earl rloo p3o online-ipo ipo-md seppo essa step-dapo urpo'
 complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -s o -r
 complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -s q
 complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -s v
@@ -361,10 +450,12 @@ complete -c alignkit -n '__fish_seen_subcommand_from train-rm' -l epochs -r
 complete -c alignkit -n '__fish_seen_subcommand_from train-rm' -l eval-pairs -r
 complete -c alignkit -n '__fish_seen_subcommand_from train-rm' -l eval-split -r
 complete -c alignkit -n '__fish_seen_subcommand_from train-rm' -l force
+complete -c alignkit -n '__fish_seen_subcommand_from train-rm' -l gamma -r
 complete -c alignkit -n '__fish_seen_subcommand_from train-rm' -l grad-accum -r
 complete -c alignkit -n '__fish_seen_subcommand_from train-rm' -l gradient-checkpointing
 complete -c alignkit -n '__fish_seen_subcommand_from train-rm' -l head-lr -r
 complete -c alignkit -n '__fish_seen_subcommand_from train-rm' -l k -r
+complete -c alignkit -n '__fish_seen_subcommand_from train-rm' -l lam -r
 complete -c alignkit -n '__fish_seen_subcommand_from train-rm' -l list-methods
 complete -c alignkit -n '__fish_seen_subcommand_from train-rm' -l logging-steps -r
 complete -c alignkit -n '__fish_seen_subcommand_from train-rm' -l lora-alpha -r
@@ -376,7 +467,7 @@ complete -c alignkit -n '__fish_seen_subcommand_from train-rm' -l margin
 complete -c alignkit -n '__fish_seen_subcommand_from train-rm' -l max-length -r
 complete -c alignkit -n '__fish_seen_subcommand_from train-rm' -l max-steps -r
 complete -c alignkit -n '__fish_seen_subcommand_from train-rm' -l merge-lora
-complete -c alignkit -n '__fish_seen_subcommand_from train-rm' -l method -x -a 'bt pal maxmin crm'
+complete -c alignkit -n '__fish_seen_subcommand_from train-rm' -l method -x -a 'bt pal maxmin crm value prm'
 complete -c alignkit -n '__fish_seen_subcommand_from train-rm' -l model -r -a 'smollm2-135m-instruct minilm-l6 tiny-llama'
 complete -c alignkit -n '__fish_seen_subcommand_from train-rm' -l no-curriculum
 complete -c alignkit -n '__fish_seen_subcommand_from train-rm' -l noise-rate -r
@@ -385,8 +476,10 @@ complete -c alignkit -n '__fish_seen_subcommand_from train-rm' -l pal-dim -r
 complete -c alignkit -n '__fish_seen_subcommand_from train-rm' -l quiet
 complete -c alignkit -n '__fish_seen_subcommand_from train-rm' -l report-to -r
 complete -c alignkit -n '__fish_seen_subcommand_from train-rm' -l resume
+complete -c alignkit -n '__fish_seen_subcommand_from train-rm' -l reward-key -r
 complete -c alignkit -n '__fish_seen_subcommand_from train-rm' -l save-steps -r
 complete -c alignkit -n '__fish_seen_subcommand_from train-rm' -l seed -r
+complete -c alignkit -n '__fish_seen_subcommand_from train-rm' -l step-separator -r
 complete -c alignkit -n '__fish_seen_subcommand_from train-rm' -l user-lr -r
 complete -c alignkit -n '__fish_seen_subcommand_from train-rm' -l verbose
 complete -c alignkit -n '__fish_seen_subcommand_from train-rm' -l warmup-ratio -r

@@ -26,8 +26,15 @@ LISTED = {
 
 def _help(cli, *args) -> str:
     import os
+    old = os.environ.get("COLUMNS")
     os.environ["COLUMNS"] = "400"  # one line per option: flags are not wrapped
-    r = cli([*args])
+    try:
+        r = cli([*args])
+    finally:  # later tests (docs/cli.md against --help) see the usual width
+        if old is None:
+            os.environ.pop("COLUMNS", None)
+        else:
+            os.environ["COLUMNS"] = old
     assert r.code == 0, r
     return r.out
 

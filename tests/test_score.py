@@ -63,7 +63,8 @@ def direct_rewards(rm_dir, pairs):
 # --- registry, spec errors ---------------------------------------------------------------
 
 def test_registry_names():
-    assert set(SCORERS.names()) == {"rules", "rm", "pairwise", "judge", "python", "length", "aepo"}
+    assert set(SCORERS.names()) == {"rules", "rm", "pairwise", "judge", "python", "length", "aepo",
+                                    "prm", "code", "mc-rollout"}
 
 
 @pytest.mark.parametrize("specs,kw,msg", [

@@ -470,7 +470,7 @@ def test_gtpo_weights_of_a_group_split_over_two_processes(monkeypatch):
     t = object.__new__(T.GTPOTrainer)
     t.accelerator = SecondOfTwoProcesses(ids0, mask0, adv0)
     t.num_generations = 4
-    t._ak = types.SimpleNamespace(tokenizer=types.SimpleNamespace(pad_token_id=0))
+    t._ak = types.SimpleNamespace(tokenizer=types.SimpleNamespace(pad_token_id=0), off_policy=None)
     t.model = types.SimpleNamespace(training=True)
     t._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
     got = T.GTPOTrainer._generate_and_score_completions(t, [])

@@ -658,7 +658,7 @@ def test_list_methods_and_help_show_every_method_and_its_flags(cli, monkeypatch)
     listed = cli(["train-rm", "--list-methods"])
     assert listed.code == 0, listed
     assert [l.split()[0] for l in listed.out.splitlines()[1:]] == RM_METHODS.names()
-    assert RM_METHODS.names() == ["bt", "pal", "maxmin", "crm"]
+    assert RM_METHODS.names() == ["bt", "pal", "maxmin", "crm", "value", "prm"]
     r = cli(["train-rm", "--help"])
     assert r.code == 0, r
     flags = _flags(r.out)

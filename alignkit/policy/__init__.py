@@ -29,7 +29,8 @@ from ..registry import Entry, Registry
 
 POLICY = Registry("policy method", "--method", modules=(
     "alignkit.policy.trl_methods", "alignkit.policy.pairs", "alignkit.policy.groups",
-    "alignkit.policy.online", "alignkit.policy.seppo", "alignkit.policy.essa"))
+    "alignkit.policy.online", "alignkit.policy.seppo", "alignkit.policy.essa",
+    "alignkit.policy.step_dapo", "alignkit.policy.urpo"))
 
 __all__ = ["POLICY", "add", "get", "table", "train"]
 

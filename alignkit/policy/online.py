@@ -18,7 +18,11 @@ list; `--reward-weights`), built with the scorer options every scoring command s
 (`scorers.options.ScorerOptions`: `--hybrid`, `--calibrate`, `--transform`, `--rubric`,
 `--aggregate`, `--user`, `--tokenizer`, `--scorer-batch-size`, ...) and combined by
 `reward_fn()`: one reward implementation for scoring and training. The prompt records'
-`meta` (checks, rubric, user, ...) and `id` reach the scorers.
+`meta` (checks, rubric, user, ...) and `id` reach the scorers. Two reward add-ons live in
+their own modules: `--meta-judge MODEL` (mpo.py, MPO: a meta-judge rewrites the judge's
+`--rubric` every `--meta-every` steps; OUT/rubrics.jsonl) and `--reward-weights
+learn:PRIMARY` (reward_blend.py, BARFI: the auxiliary weights learned by the one-step
+hypergradient cos(g_primary, g_k); `reward_weight/<spec>` in metrics.jsonl).
 
 Each method is one entry below. Its info fields say what differs between methods:
 `trainer_class` and `config_class` ("module:attribute"), `pair_loss` ("p3o" | "ipo"
@@ -69,6 +73,9 @@ Defaults and readings (ALGORITHMS.md marks these UNVERIFIED where noted):
   discounted returns, and no train/inference mismatch mask. earl's gate then
   multiplies the chunk terms per token. gtpo has no ratio (ρ = 1, nothing to take per
   chunk) and rloo's is per sequence: neither takes --credit.
+- `--off-policy FILE --off-policy-share S` (grpo, earl): semi-off-policy group members
+  (SOPHIA's text-only core), in `off_policy.py`.
+
 
 Sampling engine (`--engine`, every online method but ipo-md): `hf` (the default) samples
 with `alignkit.generation.sample` on the policy itself. `vllm` builds one `VllmEngine`
@@ -105,6 +112,9 @@ from .common import (PolicyRun, config, config_overrides, finish, hparams, impor
                      load_policy, load_reference, method_beta, quiet)
 from .data import Data
 from .pairs import GRPO_DEFAULT_LOSS, GRPO_LOSSES, LOSS
+from .mpo import PARAMS as MPO_PARAMS  # --meta-judge (MPO, Part D §6; alignkit/policy/mpo.py)
+from .off_policy import OFF_POLICY_PARAMS, check_off_policy, load_off_policy  # --off-policy (SOPHIA)
+from .reward_blend import PARAMS as BLEND_PARAMS  # --reward-weights learn: (BARFI, Part D §9)
 
 GRPO_LOSS = dataclasses.replace(LOSS, choices=GRPO_LOSSES)  # --loss as grpo and earl check it
 
@@ -167,7 +177,8 @@ CHUNK_CLIP = Param("chunk_clip", str, "ppo", "--credit chunk: ppo = GRPO's clip 
                    "with A > 0 get the plain A-weighted log-likelihood gradient, the others A "
                    "times the chunk ratio truncated to [0, 1] (no PPO clip).", choices=("ppo", "ipa"))
 
-ONLINE = (MAX_NEW_TOKENS, TEMPERATURE, SAMPLE_EVERY, ENGINE, SYNC_EVERY, ENTROPY_COEF)
+ONLINE = (MAX_NEW_TOKENS, TEMPERATURE, SAMPLE_EVERY, ENGINE, SYNC_EVERY, ENTROPY_COEF) + MPO_PARAMS \
+    + BLEND_PARAMS
 GRPO = (LOSS, SCALE_REWARDS, NUM_GENERATIONS, EPSILON, EPSILON_HIGH, IMPORTANCE_SAMPLING,
         MASK_TRUNCATED)
 
@@ -196,7 +207,8 @@ def _online(name: str, summary: str, *, params=(), trainer: str, config: str = "
 
 _online("grpo", "GRPO through TRL (--loss, --scale-rewards, --num-generations, --beta k3 KL, "
         "--epsilon[-high], --importance-sampling sequence = GSPO, --credit chunk = IPA "
-        "chunk-level ratios)", params=GRPO + (CREDIT, CHUNK_BY, CHUNK_CLIP),
+        "chunk-level ratios, --off-policy = SOPHIA-style off-policy group members)",
+        params=GRPO + (CREDIT, CHUNK_BY, CHUNK_CLIP) + OFF_POLICY_PARAMS,
         trl="GRPOTrainer", default_beta=0.0, zero_beta_ok=True, trainer="AlignkitGRPOTrainer",
         default_loss=GRPO_DEFAULT_LOSS,
         trainer_kwargs={"credit": "credit", "chunk_by": "chunk_by",
@@ -206,8 +218,9 @@ _online("gtpo", "GTPO: conflict-token protection + entropy filter, no reference 
         no_beta="gtpo has no KL term (no --beta)", trainer="GTPOTrainer",
         fixed={"scale_rewards": "none"}, trainer_kwargs={"entropy_threshold": "entropy_threshold"})
 _online("earl", "EARL: GRPO with the PG term gated to high-entropy tokens (--entropy-quantile, "
-        "--entropy-scope)", params=GRPO + (ENTROPY_QUANTILE, ENTROPY_SCOPE, CREDIT, CHUNK_BY,
-                                   CHUNK_CLIP),
+        "--entropy-scope; --off-policy as grpo)", params=GRPO + (ENTROPY_QUANTILE, ENTROPY_SCOPE,
+                                                         CREDIT, CHUNK_BY, CHUNK_CLIP)
+        + OFF_POLICY_PARAMS,
         default_beta=0.04, zero_beta_ok=True, trainer="EARLTrainer", default_loss=GRPO_DEFAULT_LOSS,
         trainer_kwargs={"entropy_scope": "entropy_scope", "credit": "credit", "chunk_by": "chunk_by",
                         "chunk_clip": "chunk_clip"})
@@ -292,6 +305,7 @@ class Plan:
     kwargs: dict = field(default_factory=dict)
     alpha: float = 0.0                 # the reference's weight in the sampler (ipo-md)
     hparams: dict = field(default_factory=dict)
+    off_policy: dict = field(default_factory=dict)  # OnlineContext's off_* fields (--off-policy)
 
 
 def plan(run: PolicyRun) -> Plan:
@@ -317,6 +331,7 @@ def plan(run: PolicyRun) -> Plan:
     fields.update(m.fixed)
     if "credit" in o:
         _check_credit(o)
+    off = check_off_policy(o) if "off_policy" in o else {}
     kwargs = {kw: o[name] for name, kw in m.trainer_kwargs.items()}
     kwargs["entropy_coef"] = o["entropy_coef"]
     if m.pair_loss:
@@ -328,6 +343,10 @@ def plan(run: PolicyRun) -> Plan:
     p.hparams.update(kwargs)
     if m.mixture:
         p.alpha = p.hparams["alpha"] = o["alpha"]
+    if off:
+        p.off_policy = off
+        p.hparams.update({k.replace("off_", "off_policy_"): v for k, v in off.items()})
+        p.hparams["off_policy"] = o["off_policy"]
     return p
 
 
@@ -391,12 +410,17 @@ def train_online(run: PolicyRun) -> Path:
     started = time.time()
     p = plan(run)
     check_engine(run)
+    if p.off_policy:  # a malformed file fails before any model loads (exit 3)
+        p.off_policy["off_policy"] = load_off_policy(run.options["off_policy"], data.records)
     config_cls = import_attr(p.config)
     config_overrides(config_cls, run)
     specs = reward_specs(run.rewards)
     scoring = run.scoring if run.scoring is not None else ScorerOptions()
+    from . import mpo, reward_blend
+    mpo.check(run.options, specs, scoring.rubric)
+    reward_blend.check(run.method, run.options, run.reward_weights, specs, run.scoring)
     # the scorer models keep their own dtype ("auto"), as `alignkit score` without --dtype
-    scorer = scoring.build(specs, run.reward_weights, dtype="auto",
+    scorer = scoring.build(specs, reward_blend.static_weights(run.reward_weights), dtype="auto",
                            allow_pickle=run.allow_pickle,
                            trust_remote_code=run.trust_remote_code)
     check_rules(data, scorer)
@@ -459,15 +483,20 @@ def _train(run: PolicyRun, p: Plan, config_cls, scorer, scoring, specs: list[str
     ctx = online_trainers.OnlineContext(
         records=data.records, tokenizer=tok, work=work, seed=opts.seed, sample_every=sample_every,
         alpha=p.alpha, resumed=opts.resume, engine=engine, sync_every=sync_every,
+        **p.off_policy,
         gen={"model": str(run.out), "base": str(run.model), "method": m.name,
              "temperature": cfg.temperature, "top_p": cfg.top_p,
              "max_new_tokens": cfg.max_completion_length, "seed": opts.seed,
              **({"engine": "vllm", "sync_every": sync_every} if engine is not None else {})})
-    trainer = import_attr(p.trainer)(
+    from . import reward_blend  # --reward-weights learn:PRIMARY: the BARFI subclass
+    trainer = reward_blend.trainer_class(import_attr(p.trainer), run.reward_weights)(
         model=model, reward_funcs=[reward_fn(scorer, data.records)], args=cfg,
         train_dataset=Dataset.from_list(rows), processing_class=tok,
         peft_config=lora_config(opts), ctx=ctx, ref_model=ref, **p.kwargs)
     del ref
+    from . import mpo
+    mpo.attach(trainer, run.options, scorer, work, opts.seed)  # --meta-judge: MPO
+    reward_blend.attach(trainer, scorer, specs, run.reward_weights, run.options)
     if engine is not None:
         trainer.add_callback(_close_at_train_end(engine))
     reference = {"spec": str(ref_spec), "sha256": model_sha256(ref_spec),

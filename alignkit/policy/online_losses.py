@@ -16,6 +16,9 @@ instead (positives un-reweighted, negatives [ρ_c]_0^1; `--chunk-clip ipa`), and
 `aggregate_loss` is TRL's --loss aggregation.
 Simplified from IPA: the sequence advantage instead of per-chunk discounted returns
 γ^Δ·R_final, and no mismatch mask (no rollout-engine log-probs here).
+For grpo `--off-policy` (Part D §11, SOPHIA's text-only core): `off_policy_weights` (w =
+min(πθ/μ, κ), per sequence or as the per-token geometric mean, detached),
+`off_policy_token_loss` (−w·A·log πθ) and `off_policy_count` (k = floor(S·G), ≥ 1).
 
 Shapes: N completions, T completion positions; `mask` is 1 on real completion tokens
 (left-aligned, as TRL pads completions on the right).
@@ -409,3 +412,39 @@ def aggregate_loss(per_token: torch.Tensor, mask: torch.Tensor, loss_type: str,
     if loss_type == "dapo":
         return total / max(float(n_tokens if n_tokens is not None else mask.sum().item()), 1.0)
     raise ValueError(f"chunk credit has no aggregation for loss {loss_type!r}")
+
+
+# --- semi-off-policy members (--off-policy; SOPHIA's text-only core, Part D §11) ---------------
+
+def off_policy_weights(logp_policy: torch.Tensor, logp_behaviour: torch.Tensor,
+                       n_tokens: torch.Tensor, mode: str = "token-mean",
+                       clip: float | None = 1.0) -> torch.Tensor:
+    """The importance weight of an off-policy completion (detached, float64):
+    sequence: w = min(πθ(y|x) / μ(y|x), κ) = exp(min(Δ, log κ)), Δ = log πθ(y|x) − log μ(y|x)
+    (both summed over the completion); token-mean: w = min(exp(Δ / n), κ), the geometric
+    mean of the per-token ratios over the n policy tokens. `clip` κ None or 0: no clip."""
+    d = (logp_policy.detach().double() - logp_behaviour.detach().double())
+    if mode == "token-mean":
+        d = d / n_tokens.detach().double().clamp(min=1.0)
+    elif mode != "sequence":
+        raise ValueError(f"unknown off-policy weighting {mode!r}")
+    if clip:
+        d = d.clamp(max=math.log(clip))
+    return torch.exp(d)
+
+
+def off_policy_token_loss(logps: torch.Tensor, weights: torch.Tensor,
+                          advantages: torch.Tensor) -> torch.Tensor:
+    """SOPHIA's off-policy policy-gradient term per token, −w·A·log πθ(y_t | x, y_<t)
+    (w a detached weight per completion, A the group advantage; no PPO clip: the
+    truncation of w is the only one). Shape [N, T]; rows with w = 0 contribute 0."""
+    adv = advantages[:, None] if advantages.dim() == 1 else advantages[:, :1]
+    return -(weights.to(logps.dtype)[:, None] * adv.to(logps.dtype)) * logps
+
+
+def off_policy_count(share: float, generations: int, available: int) -> int:
+    """How many of a group's `generations` members are off-policy: floor(share·G), at
+    least 1 when share > 0, at most the prompt's available completions (0 if none)."""
+    if share <= 0 or available <= 0:
+        return 0
+    return min(max(1, int(math.floor(share * generations + 1e-9))), generations, available)

@@ -26,6 +26,11 @@ sampler, plus GRPOTrainer subclasses for the losses TRL lacks.
   only); the trainers whose loss is TRL's take the entropies of TRL's loss pass.
 - `AlignkitGRPOTrainer`: TRL's GRPO loss unchanged (grpo), or with `credit="chunk"`
   IPA's chunk-level ratios and clip (ALGORITHMS.md Part D §4, `_GRPOCredit`; earl too).
+- `_GRPOBase` with `OnlineContext.off_policy` (grpo, earl `--off-policy`; Part D §11, SOPHIA):
+  off-policy completions replace the last k members of a group after sampling
+  (`_ak_mix_off_policy`), carry `ak_off` / `ak_off_mu` (behaviour logp, NaN: absent) in the
+  rollout, and get the term −w·A·log πθ in `_compute_loss` (TRL's loss with their
+  advantages zeroed, plus that term under the same --loss normaliser).
 - `GTPOTrainer`: GTPO (TRL has no GTPO): conflict-token weights and the entropy filter
   of ALGORITHMS.md Part B §2 (online_losses.py); no reference model in the loss.
 - `EARLTrainer`: EARL (TRL has only the batch-scope gate `top_entropy_quantile`): the
@@ -59,6 +64,8 @@ from ..generation import SampleParams, encode_prompt, sample, token_logps
 from ..io import dumps
 from ..records import Text
 from . import online_losses as L
+from .chunk_credit import ChunkCreditMixin
+from .off_policy import OffPolicyMixin
 
 STATE_FILE = "alignkit_online_state.json"
 
@@ -77,6 +84,11 @@ class OnlineContext:
     resumed: bool = False
     engine: Any = None                 # a VllmEngine (--engine vllm), else None: the HF sampler
     sync_every: int = 1                # push the weights to `engine` at steps % sync_every == 0
+    # --off-policy (grpo): record index -> [{"text", "logp" (None: absent), "finished"}]
+    off_policy: dict | None = None
+    off_share: float = 0.25            # the share of each group replaced (online_losses.off_policy_count)
+    off_is: str = "token-mean"         # "sequence" | "token-mean" (online_losses.off_policy_weights)
+    off_clip: float = 1.0              # κ (0: no clip)
     _ids: dict = field(default_factory=dict)
 
     def encode(self, rendered: str) -> list[int]:
@@ -100,6 +112,7 @@ class OnlineMixin:
 
     ak_entropy_coef = 0.0   # class defaults: a trainer built without __init__ (tests) has them
     _ak_last_entropies = None
+    _ak_last_logps = None   # the last per-token log-probs of TRL's pass (--off-policy)
 
     def __init__(self, *args, ctx: OnlineContext, ref_model=None, entropy_coef: float = 0.0,
                  **kwargs):
@@ -161,6 +174,7 @@ class OnlineMixin:
         of the trainers whose loss is TRL's own (grpo, earl, rloo)."""
         out = super()._get_per_token_logps_and_entropies(*args, **kwargs)
         self._ak_last_entropies = out[1]
+        self._ak_last_logps = out[0]
         return out
 
     def _ak_entropy_term(self, loss: torch.Tensor, entropies, mask: torch.Tensor,
@@ -172,7 +186,7 @@ class OnlineMixin:
             return loss
         h = L.entropy_bonus(entropies, mask)
         metrics = self._metrics["train" if self.model.training else "eval"]
-        world = _global_mean(self, entropies.detach(), mask.to(entropies.dtype))
+        world = global_mean(self, entropies.detach(), mask.to(entropies.dtype))
         metrics["entropy_bonus/entropy"].append(world)
         metrics["entropy_bonus"].append(self.ak_entropy_coef * world)
         return loss - self.ak_entropy_coef * h / scale
@@ -221,6 +235,8 @@ class OnlineMixin:
                                       pad_id=self._ak.tokenizer.pad_token_id or 0)
                 for r, lp in zip(rows, per):
                     r["logp_ref"] = float(sum(lp))
+        if self._ak.off_policy is not None and self.model.training:
+            rows = self._ak_mix_off_policy(rows, G if grouped else 0)
         self._ak_rows = rows
         return [r["token_ids"] for r in rows]
 
@@ -254,9 +270,13 @@ class OnlineMixin:
     def _ak_after_rollout(self, inputs: list[dict], out: dict) -> None:
         rows = self._ak_rows
         device = self.accelerator.device
-        ratio = torch.tensor([r["logp"] - r["logp_ref"] for r in rows], device=device,
-                             dtype=torch.float64)
-        self._metrics["train"]["kl_ref"].append(self.accelerator.gather(ratio).mean().item())
+        own = [not r.get("off_policy") for r in rows]  # the policy's own samples (--off-policy)
+        ratio = torch.tensor([r["logp"] - r["logp_ref"] if o else 0.0 for r, o in zip(rows, own)],
+                             device=device, dtype=torch.float64)
+        n = torch.tensor(own, device=device, dtype=torch.float64)
+        totals = self.accelerator.reduce(torch.stack([(ratio * n).sum(), n.sum()]), reduction="sum")
+        if totals[1] > 0:  # none when --off-policy-share 1 replaced every sample
+            self._metrics["train"]["kl_ref"].append((totals[0] / totals[1]).item())
         step = self.state.global_step
         if self._ak.resumed:  # drop what the interrupted run sampled after its checkpoint
             self._ak.resumed = False
@@ -288,6 +308,10 @@ class OnlineMixin:
                     "n_tokens": row["n_tokens"], "finished": row["finished"]}
             if "logp_ref" in row:
                 comp["logp_ref"] = row["logp_ref"]
+            if row.get("off_policy"):  # --off-policy: logp is the behaviour model's (or absent)
+                comp["source"] = "off-policy"
+                if comp["logp"] is None:
+                    del comp["logp"]
             if not math.isnan(r):
                 comp["score"] = r
             records[-1]["completions"].append(comp)
@@ -308,14 +332,15 @@ class OnlineMixin:
                 f.write(dumps({**rec, "id": f"{rec['id']}#{n}"} if n else rec) + "\n")
 
 
-def _global_mean(trainer, x: torch.Tensor, mask: torch.Tensor) -> float:
+def global_mean(trainer, x: torch.Tensor, mask: torch.Tensor) -> float:
     totals = trainer.accelerator.reduce(torch.stack([(x * mask).sum(), mask.sum().float()]),
                                         reduction="sum")
     return (totals[0] / totals[1].clamp(min=1.0)).item()
 
 
-class _GRPOBase(OnlineMixin, GRPOTrainer):
-    """GRPOTrainer with alignkit's sampler and reference (see OnlineMixin)."""
+class _GRPOBase(OffPolicyMixin, OnlineMixin, GRPOTrainer):
+    """GRPOTrainer with alignkit's sampler and reference (see OnlineMixin) and the
+    --off-policy group members (off_policy.OffPolicyMixin)."""
 
     def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations=None,
                               has_tool_images=False):
@@ -331,9 +356,20 @@ class _GRPOBase(OnlineMixin, GRPOTrainer):
     def _ga_scale(self) -> float:
         return self.current_gradient_accumulation_steps if self.model.training else 1.0
 
+    def _ak_aggregate(self, per: torch.Tensor, mask: torch.Tensor, inputs: dict) -> torch.Tensor:
+        """Per-token terms aggregated as TRL aggregates its loss for --loss (dapo and cispo:
+        over the active tokens of the accumulation window; the others: per completion,
+        divided by the gradient-accumulation steps)."""
+        kind = "dapo" if self.loss_type in ("dapo", "cispo") else self.loss_type
+        if kind == "dapo":
+            n = inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
+            if self.model.training:
+                n = n * self.current_gradient_accumulation_steps / self.args.steps_per_generation
+            return L.aggregate_loss(per, mask, "dapo", n_tokens=float(n))
+        return L.aggregate_loss(per, mask, kind, self.max_completion_length) / self._ga_scale()
 
-class _GRPOCredit(_GRPOBase):
-    """TRL's GRPO loss (grpo, earl), with the entropy bonus (--entropy-coef, over the tokens
+
+class _GRPOCredit(ChunkCreditMixin, _GRPOBase):    """TRL's GRPO loss (grpo, earl), with the entropy bonus (--entropy-coef, over the tokens
     the PG term acts on) and, with `credit="chunk"`, IPA's chunk-level credit: the
     completion split into chunks (`chunk_by`, online_losses.chunk_ids on the decoded
     token texts, once per rollout), the ratio per chunk (geometric mean of the token
@@ -341,73 +377,6 @@ class _GRPOCredit(_GRPOBase):
     plain SL, else ρ_c truncated to [0, 1]), the sequence advantage, EARL's gate where the method
     has one, the k3 KL per token and TRL's aggregation for --loss
     (online_losses.chunk_clipped_loss / aggregate_loss)."""
-
-    credit, chunk_by, chunk_clip, _ak_gate = "token", "newline", "ppo", None
-
-    def __init__(self, *args, credit: str = "token", chunk_by: str | None = None,
-                 chunk_clip: str = "ppo", **kwargs):
-        self.credit, self.chunk_by, self.chunk_clip = credit, chunk_by or "newline", chunk_clip
-        self._ak_gate = None
-        super().__init__(*args, **kwargs)
-
-    def _generate_and_score_completions(self, inputs):
-        out = super()._generate_and_score_completions(inputs)
-        if self.credit == "chunk":
-            ids, mask = out["completion_ids"], out["completion_mask"]
-            chunk = torch.zeros_like(ids)
-            for i in range(ids.size(0)):
-                n = int(mask[i].sum().item())
-                if n:
-                    row = ids[i, :n].tolist()
-                    chunk[i, :n] = L.chunk_ids(L.token_pieces(self._ak.tokenizer, row), self.chunk_by)
-            out["chunk_ids"] = chunk
-        return out
-
-    def _compute_loss(self, model, inputs):
-        self._ak_last_entropies, self._ak_gate = None, None
-        if self.credit == "chunk":
-            return self._chunk_loss(model, inputs)
-        loss = super()._compute_loss(model, inputs)
-        mask = (inputs["completion_mask"] * inputs.get("tool_mask", 1)).float()
-        if self._ak_gate is not None:  # earl: the bonus acts on the gated tokens, as the PG term
-            mask = mask * self._ak_gate.float()
-        return self._ak_entropy_term(loss, self._ak_last_entropies, mask, self._ga_scale())
-
-    def _chunk_loss(self, model, inputs):
-        logps, entropies = self._forward(model, inputs)
-        mask = inputs["completion_mask"].float()
-        old = inputs.get("old_per_token_logps")
-        old = logps.detach() if old is None else old
-        adv = inputs["advantages"]
-        ratio, rho, counts = L.chunk_ratios(logps, old, inputs["chunk_ids"], mask)
-        if self.chunk_clip == "ipa":
-            per = L.chunk_topr_loss(logps, ratio, adv)
-        else:
-            per = L.chunk_clipped_loss(ratio, adv, self.epsilon_low, self.epsilon_high)
-        bonus_mask = mask
-        if self.top_entropy_quantile < 1.0:  # earl's gate (TRL applies it before the KL)
-            gate = self.get_high_entropy_mask(entropies, mask, 1 - self.top_entropy_quantile).float()
-            per, bonus_mask = per * gate, mask * gate
-        if self.beta != 0.0:
-            d = inputs["ref_per_token_logps"] - logps
-            per = per + self.beta * (torch.exp(d) - d - 1)
-        mode = "train" if self.model.training else "eval"
-        if self.loss_type == "dapo":  # TRL's normaliser: the active tokens of the window
-            n = inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
-            if mode == "train":
-                n = n * self.current_gradient_accumulation_steps / self.args.steps_per_generation
-            loss = L.aggregate_loss(per, mask, "dapo", n_tokens=float(n))
-        else:
-            loss = L.aggregate_loss(per, mask, self.loss_type, self.max_completion_length)
-            loss = loss / self._ga_scale()
-        metrics = self._metrics[mode]
-        real = (counts > 0).float()
-        a = adv[:, None] if adv.dim() == 1 else adv[:, :1]
-        clipped = ((rho < 1 - self.epsilon_low) & (a < 0)) | ((rho > 1 + self.epsilon_high) & (a > 0))
-        metrics["chunk/per_completion"].append(self.accelerator.gather(real.sum(-1)).mean().item())
-        metrics["chunk/clip_frac"].append(_global_mean(self, clipped.float(), real))
-        metrics["entropy"].append(_global_mean(self, entropies.detach(), mask))
-        return self._ak_entropy_term(loss, entropies, bonus_mask, self._ga_scale())
 
 
 class AlignkitGRPOTrainer(_GRPOCredit):
@@ -432,7 +401,7 @@ class EARLTrainer(_GRPOCredit):
         else:
             gate = super().get_high_entropy_mask(entropies, mask, threshold)
         self._metrics["train" if self.model.training else "eval"]["earl/gate_frac"].append(
-            _global_mean(self, gate.float(), mask.float()))
+            global_mean(self, gate.float(), mask.float()))
         self._ak_gate = gate
         return gate
 
@@ -472,7 +441,7 @@ class GTPOTrainer(_GRPOBase):
         adv = L.gtpo_advantages(inputs["advantages"], h, self.entropy_threshold)
         loss = L.gtpo_loss(logps, adv, inputs["gtpo_delta"], mask, inputs["gtpo_conflicts"])
         mode = "train" if self.model.training else "eval"
-        self._metrics[mode]["entropy"].append(_global_mean(self, entropies.detach(), mask))
+        self._metrics[mode]["entropy"].append(global_mean(self, entropies.detach(), mask))
         filtered = (h > self.entropy_threshold).float()
         self._metrics[mode]["gtpo/filtered"].append(self.accelerator.gather(filtered).mean().item())
         return self._ak_entropy_term(loss, entropies, mask) / self._ga_scale()
@@ -553,7 +522,7 @@ class PairTrainer(_GRPOBase):
             per = L.ipo_online_loss(h, torch.nan_to_num(p, nan=0.5), self.coef)
             loss = (per * keep).sum() / keep.sum().clamp(min=1)
             metrics["ipo/h"].append(self.accelerator.gather(h.detach()).mean().item())
-        metrics["entropy"].append(_global_mean(self, entropies.detach(), mask))
+        metrics["entropy"].append(global_mean(self, entropies.detach(), mask))
         return self._ak_entropy_term(loss, entropies, mask) / self._ga_scale()
 
     def _save_checkpoint(self, model, trial):

@@ -427,7 +427,7 @@ def train_seppo(run: PolicyRun) -> Path:
     """seppo: see the module docstring."""
     from transformers import TrainingArguments
 
-    from ..training import lora_config, prepare_run
+    from ..training import prepare_run, with_lora
     if run.ref_model:
         raise UsageError("seppo draws its reference from its own earlier checkpoints "
                          "(drop --ref-model)")
@@ -444,12 +444,7 @@ def train_seppo(run: PolicyRun) -> Path:
     counts["skipped"] = built.info.get("skipped", 0)
     work = prepare_run(run.out, opts)
     model, tok = load_policy(run)
-    lora = lora_config(opts)
-    if lora is not None:
-        from peft import get_peft_model
-        if opts.gradient_checkpointing:
-            model.enable_input_require_grads()
-        model = get_peft_model(model, lora)
+    model, lora = with_lora(model, opts)
     cfg = config(TrainingArguments, run, work)
     reference = {"kind": "own earlier checkpoints (SePPO)",
                  "snapshot_every": snapshots.every, "max_snapshots": snapshots.keep,

@@ -31,7 +31,8 @@ from ..records import UNIQUE_ID_KINDS, validate
 from ..registry import params_of
 from .base import STRATEGIES, RelabelOptions, Where, without_references
 
-KIND_PLURAL = {"pair": "pairs", "ranking": "rankings", "unpaired": "unpaired records"}
+KIND_PLURAL = {"pair": "pairs", "ranking": "rankings", "unpaired": "unpaired records",
+               "prompt": "prompt records"}  # prompt: referee-tasks (referee.py)
 PAIR_ONLY = ("length_balance", "min_chosen")  # shared options that need pair outputs
 
 

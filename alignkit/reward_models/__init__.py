@@ -67,6 +67,24 @@ RM_METHODS.add("crm", "two peer BT models that filter each other's noisy pairs, 
                f"{__name__}.crm", params=(NOISE_RATE, CURRICULUM, MARGIN, CENTER_REWARDS),
                reads="pair", writes="model",
                default_lr=_LR, plain=True, adapt_users=False, trainer="alignkit loss")
+VAS_GAMMA = Param("gamma", float, 1.0, "value: discount γ of the TD(λ)/GAE targets.",
+                  low=0.0, high=1.0)
+VAS_LAM = Param("lam", float, 0.95, "value: GAE λ of the targets.", low=0.0, high=1.0)
+REWARD_KEY = Param("reward_key", str, None, "value: terminal reward = completions' "
+                   "scores[SPEC] (default: `score`).", metavar="SPEC")
+RM_METHODS.add("value", "VAS value model: per-token V(s) on samples records of the frozen "
+               "policy, TD(λ)/GAE targets from the terminal score (guides sampling with "
+               "--value-guide; simplified: no reward whitening, no LoRA)",
+               f"{__name__}.value", params=(VAS_GAMMA, VAS_LAM, REWARD_KEY), reads="samples",
+               writes="model", default_lr=_LR, plain=False, adapt_users=False,
+               trainer="alignkit loss")
+STEP_SEPARATOR = Param("step_separator", str, None, "prm: splits a `completion` text into "
+                       "steps (escapes \\n \\t decoded; default a blank line, \\n\\n).",
+                       metavar="TEXT")
+RM_METHODS.add("prm", "process reward model: P(step correct) at each step's last token, BCE "
+               "(TRL's PRM format or completion + labels; simplified: one-token labels only)",
+               f"{__name__}.prm", params=(STEP_SEPARATOR,), reads="steps", writes="model",
+               default_lr=_LR, plain=False, adapt_users=False, trainer="alignkit loss")
 
 
 @dataclass(init=False)

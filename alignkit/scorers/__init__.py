@@ -10,6 +10,9 @@ and `eval`. Spec strings name a scorer kind and its argument:
     python:MOD:FN         user function, TRL reward-function convention (or FILE.py:FN)
     length[:MAX[:CACHE]]  DAPO soft overlong penalty (words, or tokens with a tokenizer)
     aepo[:K]              AEPO multi-answer reward 1+1/sqrt(N*rank) / 1-1/N (meta.answer)
+    code[:all]            share of meta.tests asserts passed by the completion's code (sandboxed)
+    prm:DIR               process reward model: per-step P(correct), aggregated (min|prod|last|mean)
+    mc-rollout:MODEL      Monte-Carlo step values: mean --verifier score of --rollouts continuations
 
 Each scorer writes `scores[SPEC]` per completion (the spec string as given is the key).
 
@@ -73,6 +76,13 @@ for _name, _usage, _cls, _summary in [
      "or tokens with --tokenizer; default 512:128)"),
     ("aepo", "aepo[:K]", "aepo:AEPOScorer", "AEPO exploration reward, text adaptation: up to "
      "K candidates vs meta.answer, exact match; duplicates -> -1 (default K=5)"),
+    ("code", "code[:all]", "code:CodeScorer", "CodeRL+ execution reward: share of meta.tests "
+     "asserts the completion's code passes in a sandboxed subprocess (code:all: 1 iff all pass)"),
+    ("prm", "prm:DIR", "prm:PRMScorer", "process reward model from train-rm --method prm: "
+     "P(correct) per step, combined by --aggregate min|prod|last|mean (default min)"),
+    ("mc-rollout", "mc-rollout:MODEL", "mc_rollout:MCRolloutScorer", "step-level DAPO "
+     "(arXiv 2412.18279) stage A: per step prefix, mean --verifier score of --rollouts "
+     "continuations from MODEL (writes mc_rollout.step_values)"),
 ]:
     SCORERS.add(_name, _summary, f"{__name__}.{_cls}", usage=_usage)
 

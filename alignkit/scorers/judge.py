@@ -176,9 +176,18 @@ class JudgeScorer(Scorer):
             except DataError as e:
                 raise UsageError(f"rubric: {e}") from None
         self.default_rubric = rubric
+        self.last_scored: list[dict] = []  # the last score() call (MPO reads it)
 
         self.model, self.tokenizer = load_model(options, spec, "causal")
         self.yes, self.no = answer_token_ids(self.tokenizer)
+
+    def set_rubric(self, items: Any) -> None:
+        """Replace the default (--rubric) rubric, validated (MPO's evolving rubric;
+        records with their own meta.rubric keep it)."""
+        try:
+            self.default_rubric = parse_rubric(items, "rubric")
+        except DataError as e:
+            raise UsageError(f"rubric: {e}") from None
 
     def rubric_for(self, item: Item) -> list[dict] | None:
         if item.meta.get("rubric") is not None:
@@ -208,4 +217,7 @@ class JudgeScorer(Scorer):
             if res:
                 it.extra["judge"] = res
             out.append(rubric_score(res))
+        self.last_scored = [{"prompt": it.prompt, "completion": it.completion, "score": s,
+                             "default_rubric": it.meta.get("rubric") is None}
+                            for it, s in zip(items, out) if s is not None]
         return out

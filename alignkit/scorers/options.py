@@ -32,15 +32,37 @@ class ScorerOptions:
                                    "length scorer.", metavar="MODEL")
     user: Optional[str] = opt(None, "User id for pluralistic (pal/maxmin) reward models "
                               "when a record has no meta.user.", metavar="ID")
-    aggregate: Optional[str] = opt(None, "maxmin reward models: how the K rewards combine "
-                                   "(default: min, the MaxMin objective).",
-                                   choices=("min", "mean", "user"))
+    aggregate: Optional[str] = opt(None, "How a scorer's parts combine. maxmin reward "
+                                   "models, the K rewards: min | mean | user (default min, "
+                                   "the MaxMin objective). prm (prm:DIR), the step scores: "
+                                   "min | prod | last | mean (default min, as Easy-to-Hard).",
+                                   choices=("min", "mean", "user", "prod", "last"))
     scorer_batch_size: int = opt(8, "Texts per scorer model forward pass.", low=1)
     scorer_max_length: Optional[int] = opt(None, "Max tokens per scorer model input "
                                            "(default 1024 rm/pairwise, 2048 judge).", low=1)
     scorer_device: Optional[str] = opt(None, "Device of the scorer models: cpu, cuda, "
                                        "cuda:1, ... (default: cuda if available).",
                                        metavar="DEVICE")
+    code_timeout: float = opt(5.0, "code scorer: wall-clock seconds for one completion's "
+                              "code and all its tests (the process group is killed after).",
+                              low=0, low_open=True, metavar="SECONDS")
+    code_memory_mb: int = opt(512, "code scorer: address-space limit of the test "
+                              "subprocess (RLIMIT_AS), MiB.", low=16, metavar="MB")
+    code_workers: int = opt(2, "code scorer: test subprocesses run in parallel.", low=1)
+    step_separator: Optional[str] = opt(None, "mc-rollout scorer: splits a completion into "
+                                        "steps (escapes \\n \\t decoded; default a blank "
+                                        "line, \\n\\n).", metavar="TEXT")
+    rollouts: int = opt(8, "mc-rollout scorer: continuations M sampled from each step prefix "
+                        "(v(s_k) = mean verifier score of the M).", low=1, metavar="M")
+    verifier: str = opt("rules", "mc-rollout scorer: the scorer spec that scores each rollout "
+                        "and the completion itself (e.g. rules, code).",
+                        metavar="SPEC")
+    rollout_temperature: float = opt(1.0, "mc-rollout scorer: sampling temperature of the "
+                                     "rollouts.", low=0.0)
+    rollout_max_new_tokens: int = opt(256, "mc-rollout scorer: max new tokens of one rollout.",
+                                      low=1)
+    rollout_seed: int = opt(0, "mc-rollout scorer: seed of the rollouts (per record, step "
+                            "prefix and rollout streams).")
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -58,4 +80,10 @@ class ScorerOptions:
         """The per-scorer options dict (`Scorer.options`) these flags give."""
         return dict(rubric=self.rubric, tokenizer=self.tokenizer, user=self.user,
                     aggregate=self.aggregate, batch_size=self.scorer_batch_size,
-                    max_length=self.scorer_max_length, device=self.scorer_device, **more)
+                    max_length=self.scorer_max_length, device=self.scorer_device,
+                    code_timeout=self.code_timeout, code_memory_mb=self.code_memory_mb,
+                    code_workers=self.code_workers, step_separator=self.step_separator,
+                    rollouts=self.rollouts, verifier=self.verifier,
+                    rollout_temperature=self.rollout_temperature,
+                    rollout_max_new_tokens=self.rollout_max_new_tokens,
+                    rollout_seed=self.rollout_seed, **more)
