@@ -34,6 +34,18 @@ def alignkit_home(tmp_path_factory):
         os.environ["ALIGNKIT_HOME"] = old
 
 
+@pytest.fixture(scope="session")
+def smollm2():
+    """The materialised SmolLM2 folder, for slow tests: from ALIGNKIT_TEST_REAL_HOME (or
+    the default cache) when it is there, else converted once into this session's home."""
+    from pathlib import Path
+
+    from alignkit.models import pull
+    home = os.environ.get("ALIGNKIT_TEST_REAL_HOME") or Path.home() / ".cache" / "alignkit"
+    folder = Path(home) / "models" / "smollm2-135m-instruct"
+    return folder if (folder / "config.json").exists() else pull("smollm2-135m-instruct")
+
+
 @pytest.fixture(scope="session", autouse=True)
 def one_torch_thread():
     """One intra-op thread for the whole run, even when OMP_NUM_THREADS was preset:

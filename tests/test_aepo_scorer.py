@@ -136,3 +136,33 @@ def test_cli_score_aepo(cli, tmp_path):
     bad = write_jsonl(tmp_path / "bad.jsonl", [_rec(["1. a"], answer=[])])
     r = cli(["score", "--scorer", "aepo", str(bad)])
     assert r.code == 3 and "bad.jsonl:1" in r.err and "meta.answer" in r.err
+
+
+@pytest.mark.slow
+def test_smollm2_candidate_lists_get_the_formula_values(cli, smollm2, tmp_path):
+    """SmolLM2 proposes candidate answers; each score is one of the values the formula
+    allows for its own (N, rank): 1 + 1/sqrt(N*k), 1 - 1/N, 0 or -1."""
+    import math
+    prompts = write_jsonl(tmp_path / "p.jsonl", [
+        {"id": "cap", "prompt": "List up to three guesses, one per numbered line (1., 2., 3.), "
+                                "for the capital of France.", "meta": {"answer": "Paris"}},
+        {"id": "num", "prompt": "Give up to three candidate answers as a numbered list: what "
+                                "is 6 times 7?", "meta": {"answer": "42"}}])
+    samples, out = tmp_path / "s.jsonl", tmp_path / "o.jsonl"
+    r = cli(["gen-pairs", prompts, "-m", smollm2, "-n", "2", "--max-new-tokens", "48",
+             "--temperature", "0.7", "--seed", "0", "-o", samples])
+    assert r.code == 0, r
+    r = cli(["score", "-s", "aepo:3", samples, "-o", out])
+    assert r.code == 0, r
+    for rec in map(json.loads, out.read_text().splitlines()):
+        for c in rec["completions"]:
+            a, s = c["aepo"], c["score"]
+            if not a["valid"]:
+                assert s == -1.0
+            elif a["n"] == 0:
+                assert s == 0.0
+            elif a["rank"]:
+                assert 1 <= a["rank"] <= a["n"] <= 3
+                assert s == pytest.approx(1 + 1 / math.sqrt(a["n"] * a["rank"]))
+            else:
+                assert s == pytest.approx(1 - 1 / a["n"])

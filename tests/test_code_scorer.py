@@ -230,3 +230,31 @@ def test_exec_trace_strategy_checked_by_rules(exec_trace):
            "completions": [{"text": "It is a set of 1 and 2.\n[1, 2]"}, {"text": "[2, 1]"}]}
     [scored] = build_scorer(["rules"]).score_records([rec])
     assert [c["score"] for c in scored["completions"]] == [1.0, 0.0]
+
+
+@pytest.mark.slow
+def test_smollm2_writes_code_that_the_scorer_runs(cli, smollm2, tmp_path):
+    """SmolLM2 answers two coding prompts; every completion gets a score in [0, 1] equal
+    to its passed/total, and a hand-written correct answer in the same file scores 1."""
+    tests = ["assert add(2, 3) == 5", "assert add(-1, 1) == 0"]
+    prompts = write_jsonl(tmp_path / "p.jsonl", [
+        {"id": "add", "prompt": "Write a Python function add(a, b) that returns a + b. "
+                                "Answer with one ```python code block.", "meta": {"tests": tests}},
+        {"id": "add2", "prompt": "In Python, define add(a, b) returning the sum of a and b.",
+         "meta": {"tests": tests}}])
+    samples = tmp_path / "s.jsonl"
+    r = cli(["gen-pairs", prompts, "-m", smollm2, "-n", "2", "--max-new-tokens", "64",
+             "--temperature", "0.7", "--seed", "0", "-o", samples])
+    assert r.code == 0, r
+    recs = [json.loads(x) for x in samples.read_text().splitlines()]
+    recs[0]["completions"].append({"text": "```python\ndef add(a, b):\n    return a + b\n```"})
+    samples.write_text("".join(json.dumps(x) + "\n" for x in recs))
+    out = tmp_path / "o.jsonl"
+    r = cli(["score", "-s", "code", "--code-timeout", "3", samples, "-o", out])
+    assert r.code == 0, r
+    scored = [json.loads(x) for x in out.read_text().splitlines()]
+    comps = [c for rec in scored for c in rec["completions"]]
+    assert len(comps) == 5
+    for c in comps:
+        assert c["code"]["total"] == 2 and c["score"] == c["code"]["passed"] / 2
+    assert comps[2]["score"] == 1.0 and comps[2]["code"]["status"] == "ok"

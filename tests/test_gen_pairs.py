@@ -636,19 +636,6 @@ def test_options_defaults():
 
 # --- real model ----------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def smollm2():
-    """The materialised SmolLM2 folder: from ALIGNKIT_TEST_REAL_HOME (or the default cache)
-    when it is there, else converted once into this session's home."""
-    import os
-    from pathlib import Path
-
-    from alignkit.models import pull
-    home = os.environ.get("ALIGNKIT_TEST_REAL_HOME") or Path.home() / ".cache" / "alignkit"
-    folder = Path(home) / "models" / "smollm2-135m-instruct"
-    return folder if (folder / "config.json").exists() else pull("smollm2-135m-instruct")
-
-
 @pytest.mark.slow
 def test_smollm2_samples_stop_and_score(cli, smollm2, tmp_path):
     """Real chat model: completions end at <|im_end|> (excluded from the text), and each

@@ -435,14 +435,6 @@ def test_accelerate_launch_two_cpu_processes(env, tiny_model, tmp_path):
 
 # --- real model ----------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def smollm2():
-    from alignkit.models import pull
-    home = os.environ.get("ALIGNKIT_TEST_REAL_HOME") or Path.home() / ".cache" / "alignkit"
-    folder = Path(home) / "models" / "smollm2-135m-instruct"
-    return folder if (folder / "config.json").exists() else pull("smollm2-135m-instruct")
-
-
 @pytest.mark.slow
 def test_grpo_on_smollm2_with_the_rules_reward(smollm2, tmp_path):
     checks = [{"type": "max_words", "n": 8}]

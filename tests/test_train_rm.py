@@ -706,16 +706,6 @@ def test_method_defaults_and_flags_come_from_the_entry(cli, data, tiny_model, tm
 
 # --- real model ------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def smollm2():
-    """The materialised SmolLM2 folder (ALIGNKIT_TEST_REAL_HOME or the default cache when
-    it is there, else converted once into this session's home)."""
-    from alignkit.models import pull
-    home = os.environ.get("ALIGNKIT_TEST_REAL_HOME") or Path.home() / ".cache" / "alignkit"
-    folder = Path(home) / "models" / "smollm2-135m-instruct"
-    return folder if (folder / "config.json").exists() else pull("smollm2-135m-instruct")
-
-
 @pytest.mark.slow
 def test_bt_smollm2_lora_gets_a_score_head(cli, smollm2, tmp_path):
     """A causal LM backbone gets a one-output score head; with LoRA the adapter folder

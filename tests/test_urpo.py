@@ -172,16 +172,6 @@ def test_bad_judge_label_is_a_data_error_at_file_line(cli, tiny_model, tmp_path)
     assert r.code == 3 and f"{bad}:2" in r.err and "meta.urpo.label" in r.err, r
 
 
-@pytest.fixture(scope="module")
-def smollm2():
-    import os
-    from pathlib import Path
-    from alignkit.models import pull
-    home = os.environ.get("ALIGNKIT_TEST_REAL_HOME") or Path.home() / ".cache" / "alignkit"
-    folder = Path(home) / "models" / "smollm2-135m-instruct"
-    return folder if (folder / "config.json").exists() else pull("smollm2-135m-instruct")
-
-
 @pytest.mark.slow
 def test_urpo_on_smollm2_mixed_kinds(smollm2, cli, tmp_path):
     src, out = _mixed(tmp_path), tmp_path / "m"

@@ -255,3 +255,29 @@ def test_eval_value_guide(cli, tiny_model, value_dir, tmp_path):
     assert r.code == 0, r
     rec = json.loads(out.read_text().splitlines()[0])
     assert rec["gen"]["value_guides"] == [{"dir": str(value_dir), "beta": 0.5}]
+
+
+@pytest.mark.slow
+def test_smollm2_value_model_guides_sampling_and_keeps_base_logp(cli, smollm2, tmp_path):
+    """A SmolLM2 value model trained on a few scored samples loads as a guide; guided
+    samples keep the base model's teacher-forced logp and record the guide."""
+    from alignkit.generation import completion_logps, render_prompt
+    from alignkit.models import load_causal_lm
+    texts = ["Yes.", "Rice is a grain eaten all over the world.", "No", "It is a cereal."]
+    recs = [{"id": f"s{i}", "prompt": p, "completions": [
+        {"text": t, "score": float(len(t.split()))} for t in texts]} for i, p in enumerate(PROMPTS[:4])]
+    vm = tmp_path / "vm"
+    r = cli(["train-rm", "--method", "value", "-m", smollm2, write_jsonl(tmp_path / "s.jsonl", recs),
+             "-o", vm, "--max-steps", "4", "--batch-size", "4", "--max-length", "64"])
+    assert r.code == 0, r
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"id": f"q{i}", "prompt": p}
+                                                  for i, p in enumerate(PROMPTS[:2])])
+    r = cli(["gen-pairs", prompts, "-m", smollm2, "-n", "2", "--max-new-tokens", "12",
+             "--temperature", "1", "--seed", "0", "--value-guide", f"{vm}:2"])
+    assert r.code == 0, r
+    assert r.records[0]["gen"]["value_guides"] == [{"dir": str(vm), "beta": 2.0}]
+    model, tok = load_causal_lm(str(smollm2), "float32")
+    comps = [(render_prompt(tok, rec["prompt"]), c) for rec in r.records for c in rec["completions"]]
+    forced = completion_logps(model, tok, [p for p, _ in comps], [c["text"] for _, c in comps],
+                              add_eos=[c["finished"] for _, c in comps])
+    assert forced == pytest.approx([c["logp"] for _, c in comps], abs=2e-2)
