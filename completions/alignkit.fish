@@ -279,9 +279,10 @@ complete -c alignkit -n '__fish_seen_subcommand_from relabel' -l scorer-batch-si
 complete -c alignkit -n '__fish_seen_subcommand_from relabel' -l scorer-device -r
 complete -c alignkit -n '__fish_seen_subcommand_from relabel' -l scorer-max-length -r
 complete -c alignkit -n '__fish_seen_subcommand_from relabel' -l seed -r
+complete -c alignkit -n '__fish_seen_subcommand_from relabel' -l select -r
 complete -c alignkit -n '__fish_seen_subcommand_from relabel' -l shard -r
 complete -c alignkit -n '__fish_seen_subcommand_from relabel' -l step-separator -r
-complete -c alignkit -n '__fish_seen_subcommand_from relabel' -l strategy -x -a 'best-worst all-pairs top-k sppo reward-augmented rank unpaired filter referee-tasks exec-trace'
+complete -c alignkit -n '__fish_seen_subcommand_from relabel' -l strategy -x -a 'best-worst all-pairs top-k sppo reward-augmented rank unpaired filter referee-tasks exec-trace rerank'
 complete -c alignkit -n '__fish_seen_subcommand_from relabel' -l threshold -r
 complete -c alignkit -n '__fish_seen_subcommand_from relabel' -l tokenizer -r -a 'smollm2-135m-instruct minilm-l6 tiny-llama'
 complete -c alignkit -n '__fish_seen_subcommand_from relabel' -l transform -r

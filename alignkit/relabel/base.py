@@ -18,11 +18,13 @@ from ..registry import Param, Registry, opt
 from ..scorers.options import ScorerOptions
 
 __all__ = ["STRATEGIES", "RelabelOptions", "Strategy", "Where", "strategy", "is_num",
-           "ref_usable", "is_cut", "best_and_worst", "is_reference_field", "without_references"]
+           "ref_usable", "is_cut", "best_and_worst", "is_reference_field", "without_references",
+           "pair_record"]
 
 # filled by the strategy modules (imported on first use)
 STRATEGIES = Registry("relabel strategy", "--strategy", modules=tuple(
-    f"alignkit.relabel.{m}" for m in ("pairs", "augment", "rankings", "filters", "referee", "exec_trace")))
+    f"alignkit.relabel.{m}" for m in ("pairs", "augment", "rankings", "filters", "referee",
+                                      "exec_trace", "rerank")))
 
 Where = tuple[Optional[str], Optional[int]]  # (path, line) of a record, for errors
 
@@ -206,19 +208,7 @@ class Strategy:
         if self.opts.min_chosen is not None and c["score"] < self.opts.min_chosen:
             self.summary["chosen below min-chosen"] += 1
             return None
-        pair = {"id": f"{rec['id']}-{ci}-{ri}", "prompt": rec["prompt"],
-                "chosen": c["text"], "rejected": r["text"],
-                "score_chosen": c["score"], "score_rejected": r["score"], "margin": margin}
-        if isinstance(c.get("scores"), dict) and isinstance(r.get("scores"), dict):
-            pair["scores_chosen"], pair["scores_rejected"] = c["scores"], r["scores"]
-        if ref_usable(c) and ref_usable(r):
-            pair["ref_logp_chosen"], pair["ref_logp_rejected"] = c["logp"], r["logp"]
-        if is_cut(c) or is_cut(r):
-            pair["finished_chosen"], pair["finished_rejected"] = not is_cut(c), not is_cut(r)
-        for k, v in rec.items():
-            if k not in ("id", "prompt", "completions"):
-                pair.setdefault(k, v)
-        return pair
+        return pair_record(rec, ci, c, ri, r)
 
     def make_pairs(self, rec: dict, candidates) -> list[dict]:
         """Pairs of ((chosen index, completion), (rejected index, completion)) candidates
@@ -238,3 +228,23 @@ class Strategy:
         (bi, b), (wi, w) = best_and_worst(scored)
         pair = self.make_pair(rec, bi, b, wi, w)
         return [pair] if pair else []
+
+
+def pair_record(rec: dict, ci: int, c: dict, ri: int, r: dict) -> dict:
+    """The pair of completions `ci` (chosen) and `ri` (rejected) of a samples record: their
+    texts, scores and margin, their reference log-probs when usable, cut flags, and the
+    record's other fields."""
+    pair = {"id": f"{rec['id']}-{ci}-{ri}", "prompt": rec["prompt"],
+            "chosen": c["text"], "rejected": r["text"],
+            "score_chosen": c["score"], "score_rejected": r["score"],
+            "margin": c["score"] - r["score"]}
+    if isinstance(c.get("scores"), dict) and isinstance(r.get("scores"), dict):
+        pair["scores_chosen"], pair["scores_rejected"] = c["scores"], r["scores"]
+    if ref_usable(c) and ref_usable(r):
+        pair["ref_logp_chosen"], pair["ref_logp_rejected"] = c["logp"], r["logp"]
+    if is_cut(c) or is_cut(r):
+        pair["finished_chosen"], pair["finished_rejected"] = not is_cut(c), not is_cut(r)
+    for k, v in rec.items():
+        if k not in ("id", "prompt", "completions"):
+            pair.setdefault(k, v)
+    return pair
