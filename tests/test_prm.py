@@ -220,7 +220,7 @@ def test_own_format_with_a_declared_separator_and_same_seed_same_weights(tiny_mo
 
 @pytest.mark.parametrize("bad,field", [
     ({"prompt": PROMPT, "completions": ["2+2=4", "3+3=6"], "labels": [True]}, "labels"),
-    ({"prompt": PROMPT, "completions": ["2+2=4", "3+3=6"], "labels": [True, 1]}, "labels[1]"),
+    ({"prompt": PROMPT, "completions": ["2+2=4", "3+3=6"], "labels": [True, 1.5]}, "labels[1]"),
     ({"prompt": PROMPT, "completion": "2+2=4\n\n3+3=6", "labels": [True]}, "labels"),
     ({"prompt": PROMPT, "completions": ["2+2=4", 7], "labels": [True, True]}, "completions[1]"),
     ({"prompt": PROMPT, "labels": [True]}, "completions"),

@@ -167,6 +167,45 @@ def test_makefile_example_parses():
                        capture_output=True, text=True)
     assert p.returncode == 0, p.stderr
     assert "score -s mc-rollout:" in p.stdout and "--method step-dapo" in p.stdout
+    assert "train-rm --method prm" in p.stdout and "--critic" in p.stdout
+
+
+def test_the_critic_trains_on_monte_carlo_values(cli, tiny_model, tmp_path):
+    """train-rm --method prm reads mc-rollout samples: step k's soft label is v(s_{k+1})
+    (the last step's, the outcome); the BCE first loss equals the hand value for logits 0."""
+    import math
+
+    from alignkit.errors import DataError
+    from alignkit.reward_models import prm
+    rec = {"id": "a", "prompt": "Q1", "completions": [
+        {"text": "x\n\ny\n\nz", "mc_rollout": {"steps": ["x", "y", "z"],
+                                                "step_values": [0.5, 0.25, 1.0], "outcome": 0.0}},
+        {"text": "w"}]}  # no mc_rollout: not a critic record
+    assert prm.mc_rollout_records(rec) == [{"prompt": "Q1", "steps": ["x", "y", "z"],
+                                            "labels": [0.25, 1.0, 0.0]}]
+    bad = {**rec, "completions": [{"text": "x", "mc_rollout": {"steps": ["x"], "step_values": [0.5],
+                                                              "outcome": 2.0}}]}
+    with pytest.raises(DataError) as e:
+        prm.mc_rollout_records(bad)
+    assert e.value.field == "completions[0].mc_rollout.outcome"
+    # BCE with soft targets at logit 0: log 2 whatever the label
+    import torch
+    loss, _ = prm.step_loss(torch.zeros(1, 3), torch.tensor([[0.25, 1.0, 0.0]]))
+    assert loss.item() == pytest.approx(math.log(2))
+    z = torch.tensor([[1.0, -2.0, 0.5]])
+    y = torch.tensor([[0.25, 1.0, 0.0]])
+    hand = sum(-(t * math.log(1 / (1 + math.exp(-v))) + (1 - t) * math.log(1 - 1 / (1 + math.exp(-v))))
+               for v, t in zip([1.0, -2.0, 0.5], [0.25, 1.0, 0.0])) / 3
+    assert prm.step_loss(z, y)[0].item() == pytest.approx(hand, rel=1e-6)
+    data = write_jsonl(tmp_path / "mc.jsonl", [rec, {**rec, "id": "b"}])
+    out = tmp_path / "critic"
+    r = cli(["train-rm", "--method", "prm", "-m", tiny_model, data, "-o", out, "--max-steps", "2",
+             "--eval-split", "0"])
+    assert r.code == 0, r
+    info = json.loads((out / "alignkit.json").read_text())
+    assert info["counts"]["train_steps"] == 6
+    probs = prm.load_folder(out).step_probs(["Q1"], [["x", "y", "z"]])
+    assert len(probs[0]) == 3 and all(0.0 < p < 1.0 for p in probs[0])
 
 
 def test_first_loss_is_mean_squared_advantage_and_weights_move(cli, tiny_model, tmp_path):

@@ -28,10 +28,12 @@ first step does not fit is dropped). The separator is the one `mc_rollout` recor
 
 Reference: the frozen initial policy; its step log-probs are computed once before
 training (LoRA: before the adapter is added, so it is the base). No `--ref-model`,
-no reference cache. Simplifications: the values are the Monte-Carlo estimates of stage
-A by default (no critic V_φ is trained here; with `--critic DIR`, a `train-rm --method
-prm` folder, its step probabilities p_k stand in for v(s_k), k = 1..K-1, see
-`critic_values`), one iteration (no iterative DAPO).
+no reference cache. The values are the Monte-Carlo estimates of stage A by default;
+with `--critic DIR` they come from the critic, trained apart as the paper does: `train-rm
+--method prm` on the same mc-rollout file fits P(step k) to v̂(s_{k+1}) (soft BCE
+labels, `reward_models.prm.mc_rollout_records`), and its step probabilities stand in
+for v(s_k), k = 1..K-1 (`critic_values`). Simplification: one iteration (no iterative
+DAPO).
 """
 from __future__ import annotations
 
@@ -48,7 +50,8 @@ from .common import (PolicyRun, check_offline, config, config_overrides, finish,
                      load_policy, method_beta, quiet)
 
 SEPARATOR = "\n\n"
-CRITIC = Param("critic", str, None, "step-dapo: a prm folder (train-rm --method prm) whose "
+CRITIC = Param("critic", str, None, "step-dapo: the critic, a prm folder (train-rm --method "
+               "prm on the same mc-rollout file) whose "
                "per-step P(correct) p_k gives v(s_k) for k = 1..K-1 instead of the Monte-Carlo "
                "values (v(s_0) stays mc_rollout's, v(s_K) the outcome).", metavar="DIR")
 

@@ -13,8 +13,8 @@ Input (one record per line, read with the strict reader of `alignkit.io`):
   Easy-to-Hard/PRM800K splitter); pieces that are empty or only whitespace are dropped,
   so a trailing separator makes no extra step.
 
-`prompt` is a string or a chat message list; `labels` must be JSON booleans, one per
-step; anything else is a DataError at file:line: field.
+`prompt` is a string or a chat message list; `labels` are JSON booleans (or soft
+labels, below), one per step; anything else is a DataError at file:line: field.
 
 Tokenisation (TRL's): the prompt as `rm:DIR` renders it with the assistant turn opened
 (`text.render_prompt_only`; without a chat template the prompt text and a blank line,
@@ -33,8 +33,13 @@ separator (TRL's rule; Easy-to-Hard reads its final step at the token before EOS
 With `--lora-r` the head is trained in full (peft's TOKEN_CLS modules_to_save, kept out
 of the LoRA targets) and the adapter is merged into the written folder.
 
-Not here (ALGORITHMS.md §1/§2 mappings): soft targets (PROPA's MCTS values, `--targets
-q`), `step_scores` floats as labels, PRM-shaped per-token rewards for PPO (`train-policy
+Soft labels: a label may also be a probability in [0, 1] (BCE against it), e.g. a
+Monte-Carlo step value. Samples records scored by `score -s mc-rollout:MODEL` are read
+directly (`mc_rollout_records`): each completion's steps labelled with the value of the
+state after each step, so `train-rm --method prm` on them trains step-level DAPO's
+critic (ALGORITHMS.md Part D §3). Accuracy counts a label >= 0.5 as correct.
+
+Not here (ALGORITHMS.md §1/§2 mappings): PROPA's MCTS tree values, PRM-shaped per-token rewards for PPO (`train-policy
 --process-reward`); `train-policy --reward prm:DIR` uses the aggregate as the sequence
 reward.
 
@@ -155,13 +160,41 @@ def parse_record(rec: dict, separator: str) -> dict:
                         "(a text split at --step-separator)", field="completions")
     labels = rec.get("labels")
     if not isinstance(labels, list):
-        raise DataError("missing or not a list: one boolean per step", field="labels")
+        raise DataError("missing or not a list: one label per step", field="labels")
     if len(labels) != len(steps):
         raise DataError(f"has {len(labels)} label(s) for {len(steps)} step(s)", field="labels")
     for i, v in enumerate(labels):
-        if not isinstance(v, bool):
-            raise DataError(f"must be true or false, got {v!r}", field=f"labels[{i}]")
+        if not (isinstance(v, bool) or (isinstance(v, (int, float)) and 0.0 <= v <= 1.0)):
+            raise DataError(f"must be true, false or a probability in [0, 1], got {v!r}",
+                            field=f"labels[{i}]")
     return {"prompt": rec["prompt"], "steps": list(steps), "labels": list(labels)}
+
+
+def mc_rollout_records(rec: dict) -> list[dict]:
+    """Critic records from a samples record scored by `score -s mc-rollout:MODEL`
+    (step-level DAPO's stage A): one per completion with `mc_rollout`, its steps with the
+    soft labels v̂(s_1), ..., v̂(s_{K-1}), outcome: the label of step k is the Monte-Carlo
+    value of the state after it (the last step's, the completion's own outcome), so
+    P(step k) estimates V(s_{k+1}) as step-dapo's `--critic` reads it."""
+    out = []
+    for j, c in enumerate(rec["completions"]):
+        mc = c.get("mc_rollout") if isinstance(c, dict) else None
+        if mc is None:
+            continue
+        where = f"completions[{j}].mc_rollout"
+        steps, values, outcome = mc.get("steps"), mc.get("step_values"), mc.get("outcome")
+        if not (isinstance(steps, list) and steps and all(isinstance(x, str) for x in steps)):
+            raise DataError("must be a non-empty list of strings", field=f"{where}.steps")
+        if not (isinstance(values, list) and len(values) == len(steps)):
+            raise DataError("must have one value per step", field=f"{where}.step_values")
+        labels = list(values[1:]) + [outcome]
+        for i, v in enumerate(labels):
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v <= 1.0:
+                name = f"{where}.outcome" if i == len(labels) - 1 else f"{where}.step_values[{i + 1}]"
+                raise DataError(f"must be a value in [0, 1] (a 0/1 verifier), got {v!r}",
+                                field=name)
+        out.append({"prompt": rec["prompt"], "steps": steps, "labels": [float(v) for v in labels]})
+    return out
 
 
 def load_step_records(path: str, separator: str) -> tuple[list[dict], str, str | None]:
@@ -170,7 +203,11 @@ def load_step_records(path: str, separator: str) -> tuple[list[dict], str, str |
     out = []
     for rec in reader:
         try:
-            out.append(parse_record(rec, separator))
+            comps = rec.get("completions")
+            if isinstance(comps, list) and comps and isinstance(comps[0], dict):
+                out.extend(mc_rollout_records(rec))  # samples scored by mc-rollout
+            else:
+                out.append(parse_record(rec, separator))
         except DataError as e:
             raise e.at(reader.name, reader.line) from None
     return out, reader.name, reader.sha256
@@ -207,7 +244,7 @@ def training_rows(tokenizer, records: list[dict], separator: str, max_length: in
         cut += len(ends) < len(r["steps"])
         labels = [IGNORE] * len(ids)
         for t, lab in zip(ends, r["labels"]):
-            labels[t] = int(lab)
+            labels[t] = float(lab)
         rows.append({"input_ids": ids, "labels": labels})
     if cut or dropped:
         console.warn(f"--max-length {max_length}: {cut} record(s) lost their last steps, "
@@ -222,9 +259,9 @@ def _collator(pad_id: int):
 
     def collate(rows: list[dict]) -> dict:
         ids, mask = pad_batch([r["input_ids"] for r in rows], pad_id)
-        labels = torch.full(ids.shape, IGNORE, dtype=torch.long)
+        labels = torch.full(ids.shape, float(IGNORE))
         for i, r in enumerate(rows):
-            labels[i, :len(r["labels"])] = torch.tensor(r["labels"], dtype=torch.long)
+            labels[i, :len(r["labels"])] = torch.tensor(r["labels"], dtype=torch.float)
         return {"input_ids": ids, "attention_mask": mask, "labels": labels}
     return collate
 
@@ -235,8 +272,8 @@ def step_loss(logits, labels):
     import torch.nn.functional as F
     at = labels != IGNORE
     z, y = logits[at], labels[at].float()
-    loss = F.binary_cross_entropy_with_logits(z, y)
-    acc = ((z > 0).float() == y).float().mean()
+    loss = F.binary_cross_entropy_with_logits(z, y)  # soft targets: BCE against v̂
+    acc = ((z > 0) == (y >= 0.5)).float().mean()
     return loss, acc
 
 
@@ -361,9 +398,11 @@ def heldout_metrics(prm: PRMRewardModel, records: list[dict]) -> dict | None:
     pairs = [(p, lab) for ps, r in zip(probs, records) for p, lab in zip(ps, r["labels"])]
     if not pairs:
         return None
-    good = [p for p, lab in pairs if lab]
-    bad = [p for p, lab in pairs if not lab]
-    return {"step_accuracy": round(sum((p > 0.5) == lab for p, lab in pairs) / len(pairs), 6),
+    good = [p for p, lab in pairs if lab >= 0.5]
+    bad = [p for p, lab in pairs if lab < 0.5]
+    return {"step_accuracy": round(sum((p > 0.5) == (lab >= 0.5) for p, lab in pairs)
+                                   / len(pairs), 6),
+            "mean_abs_error": round(sum(abs(p - float(lab)) for p, lab in pairs) / len(pairs), 6),
             "n_steps": len(pairs), "n_records": len(records),
             "mean_p_correct": round(sum(good) / len(good), 6) if good else None,
             "mean_p_wrong": round(sum(bad) / len(bad), 6) if bad else None}
