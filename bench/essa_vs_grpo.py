@@ -18,7 +18,7 @@ Steps:
 The JSON also has each run's training-time mean reward (the first and last quarter of
 metrics.jsonl), the wall times and the machine (CPU model from `lscpu`).
 
-    .venv/bin/python bench/essa_vs_grpo.py            # G = 30
+    .venv/bin/python bench/essa_vs_grpo.py            # G = 30, bench/results/essa_vs_grpo_tiny.json
     .venv/bin/python bench/essa_vs_grpo.py --quick    # G = 8
 
 `--adapter DIR` runs the same comparison on a real model instead: both methods start from
@@ -222,6 +222,8 @@ def main() -> None:
                      "train_reward": quarters(d / "grpo", "reward")},
             "machine": {**machine(), "cpu_lscpu": cpu_model()},
         }
+    (ROOT / "bench" / "results" / "essa_vs_grpo_tiny.json").write_text(
+        json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
 
 

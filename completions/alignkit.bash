@@ -76,7 +76,7 @@ _alignkit() {
         "eval --rollouts") COMPREPLY=( $(compgen -f -- "$cur")); return ;;
         "eval --rubric") COMPREPLY=( $(compgen -f -- "$cur")); return ;;
         "eval --samples-out") COMPREPLY=( $(compgen -f -- "$cur")); return ;;
-        "eval --scorer") COMPREPLY=($(compgen -W "rules rm pairwise judge python length aepo code prm mc-rollout" -- "$cur")); return ;;
+        "eval --scorer") COMPREPLY=($(compgen -W "rules rm pairwise judge python length aepo code prm prm-step mc-rollout" -- "$cur")); return ;;
         "eval --scorer-batch-size") COMPREPLY=( $(compgen -f -- "$cur")); return ;;
         "eval --scorer-device") COMPREPLY=( $(compgen -f -- "$cur")); return ;;
         "eval --scorer-max-length") COMPREPLY=( $(compgen -f -- "$cur")); return ;;
@@ -95,7 +95,7 @@ _alignkit() {
         "eval -b") COMPREPLY=($(compgen -W "smollm2-135m-instruct minilm-l6 tiny-llama" -- "$cur") $(compgen -f -- "$cur")); return ;;
         "eval -m") COMPREPLY=($(compgen -W "smollm2-135m-instruct minilm-l6 tiny-llama" -- "$cur") $(compgen -f -- "$cur")); return ;;
         "eval -n") COMPREPLY=( $(compgen -f -- "$cur")); return ;;
-        "eval -s") COMPREPLY=($(compgen -W "rules rm pairwise judge python length aepo code prm mc-rollout" -- "$cur")); return ;;
+        "eval -s") COMPREPLY=($(compgen -W "rules rm pairwise judge python length aepo code prm prm-step mc-rollout" -- "$cur")); return ;;
         "gen-pairs --alpha") COMPREPLY=( $(compgen -f -- "$cur")); return ;;
         "gen-pairs --batch-size") COMPREPLY=( $(compgen -f -- "$cur")); return ;;
         "gen-pairs --config") COMPREPLY=( $(compgen -f -- "$cur")); return ;;
@@ -178,6 +178,7 @@ _alignkit() {
         "relabel --keep") COMPREPLY=( $(compgen -f -- "$cur")); return ;;
         "relabel --length-balance") COMPREPLY=( $(compgen -f -- "$cur")); return ;;
         "relabel --max-length") COMPREPLY=( $(compgen -f -- "$cur")); return ;;
+        "relabel --max-prefixes") COMPREPLY=( $(compgen -f -- "$cur")); return ;;
         "relabel --max-vars") COMPREPLY=( $(compgen -f -- "$cur")); return ;;
         "relabel --min-chosen") COMPREPLY=( $(compgen -f -- "$cur")); return ;;
         "relabel --min-margin") COMPREPLY=( $(compgen -f -- "$cur")); return ;;
@@ -197,7 +198,7 @@ _alignkit() {
         "relabel --select") COMPREPLY=( $(compgen -f -- "$cur")); return ;;
         "relabel --shard") COMPREPLY=( $(compgen -f -- "$cur")); return ;;
         "relabel --step-separator") COMPREPLY=( $(compgen -f -- "$cur")); return ;;
-        "relabel --strategy") COMPREPLY=($(compgen -W "best-worst all-pairs top-k sppo reward-augmented rank unpaired filter referee-tasks exec-trace rerank" -- "$cur")); return ;;
+        "relabel --strategy") COMPREPLY=($(compgen -W "best-worst all-pairs top-k sppo reward-augmented rank unpaired filter referee-tasks exec-trace rerank step-prompts" -- "$cur")); return ;;
         "relabel --threshold") COMPREPLY=( $(compgen -f -- "$cur")); return ;;
         "relabel --tokenizer") COMPREPLY=($(compgen -W "smollm2-135m-instruct minilm-l6 tiny-llama" -- "$cur") $(compgen -f -- "$cur")); return ;;
         "relabel --transform") COMPREPLY=( $(compgen -f -- "$cur")); return ;;
@@ -222,7 +223,7 @@ _alignkit() {
         "score --rollout-temperature") COMPREPLY=( $(compgen -f -- "$cur")); return ;;
         "score --rollouts") COMPREPLY=( $(compgen -f -- "$cur")); return ;;
         "score --rubric") COMPREPLY=( $(compgen -f -- "$cur")); return ;;
-        "score --scorer") COMPREPLY=($(compgen -W "rules rm pairwise judge python length aepo code prm mc-rollout" -- "$cur")); return ;;
+        "score --scorer") COMPREPLY=($(compgen -W "rules rm pairwise judge python length aepo code prm prm-step mc-rollout" -- "$cur")); return ;;
         "score --scorer-batch-size") COMPREPLY=( $(compgen -f -- "$cur")); return ;;
         "score --scorer-device") COMPREPLY=( $(compgen -f -- "$cur")); return ;;
         "score --scorer-max-length") COMPREPLY=( $(compgen -f -- "$cur")); return ;;
@@ -234,7 +235,7 @@ _alignkit() {
         "score --verifier") COMPREPLY=( $(compgen -f -- "$cur")); return ;;
         "score --weights") COMPREPLY=( $(compgen -f -- "$cur")); return ;;
         "score -o") COMPREPLY=( $(compgen -f -- "$cur")); return ;;
-        "score -s") COMPREPLY=($(compgen -W "rules rm pairwise judge python length aepo code prm mc-rollout" -- "$cur")); return ;;
+        "score -s") COMPREPLY=($(compgen -W "rules rm pairwise judge python length aepo code prm prm-step mc-rollout" -- "$cur")); return ;;
         "train-policy --aggregate") COMPREPLY=( $(compgen -f -- "$cur")); return ;;
         "train-policy --alpha") COMPREPLY=( $(compgen -f -- "$cur")); return ;;
         "train-policy --batch-size") COMPREPLY=( $(compgen -f -- "$cur")); return ;;
@@ -297,7 +298,7 @@ _alignkit() {
         "train-policy --popsize") COMPREPLY=( $(compgen -f -- "$cur")); return ;;
         "train-policy --ref-model") COMPREPLY=($(compgen -W "smollm2-135m-instruct minilm-l6 tiny-llama" -- "$cur") $(compgen -f -- "$cur")); return ;;
         "train-policy --report-to") COMPREPLY=( $(compgen -f -- "$cur")); return ;;
-        "train-policy --reward") COMPREPLY=($(compgen -W "rules rm pairwise judge python length aepo code prm mc-rollout" -- "$cur")); return ;;
+        "train-policy --reward") COMPREPLY=($(compgen -W "rules rm pairwise judge python length aepo code prm prm-step mc-rollout" -- "$cur")); return ;;
         "train-policy --reward-weights") COMPREPLY=( $(compgen -f -- "$cur")); return ;;
         "train-policy --rollout-max-new-tokens") COMPREPLY=( $(compgen -f -- "$cur")); return ;;
         "train-policy --rollout-seed") COMPREPLY=( $(compgen -f -- "$cur")); return ;;
@@ -375,7 +376,7 @@ _alignkit() {
         "models list") if [[ $cur == -* ]]; then COMPREPLY=($(compgen -W "--config --quiet --verbose -q -v" -- "$cur")); else COMPREPLY=($(compgen -f -- "$cur")); fi ;;
         "models pull") if [[ $cur == -* ]]; then COMPREPLY=($(compgen -W "--config --force --quiet --to --verbose -q -v" -- "$cur")); else COMPREPLY=($(compgen -f -- "$cur")); fi ;;
         "models tiny") if [[ $cur == -* ]]; then COMPREPLY=($(compgen -W "--config --force --heads --hidden --layers --out --quiet --seed --tokenizer-from --verbose -o -q -v" -- "$cur")); else COMPREPLY=($(compgen -f -- "$cur")); fi ;;
-        "relabel") if [[ $cur == -* ]]; then COMPREPLY=($(compgen -W "--aggregate --agree --batch-size --calibrate --code-memory-mb --code-timeout --code-workers --config --dedupe --dtype --finished-only --hybrid --include-passing --k --keep --length-balance --max-length --max-vars --min-chosen --min-margin --no-system --output --quantile --quiet --rm --rollout-max-new-tokens --rollout-seed --rollout-temperature --rollouts --rubric --scale --scorer-batch-size --scorer-device --scorer-max-length --seed --select --shard --step-separator --strategy --threshold --tokenizer --transform --user --verbose --verifier -o -q -v" -- "$cur")); else COMPREPLY=($(compgen -f -- "$cur")); fi ;;
+        "relabel") if [[ $cur == -* ]]; then COMPREPLY=($(compgen -W "--aggregate --agree --batch-size --calibrate --code-memory-mb --code-timeout --code-workers --config --dedupe --dtype --finished-only --hybrid --include-passing --k --keep --length-balance --max-length --max-prefixes --max-vars --min-chosen --min-margin --no-system --output --quantile --quiet --rm --rollout-max-new-tokens --rollout-seed --rollout-temperature --rollouts --rubric --scale --scorer-batch-size --scorer-device --scorer-max-length --seed --select --shard --step-separator --strategy --threshold --tokenizer --transform --user --verbose --verifier -o -q -v" -- "$cur")); else COMPREPLY=($(compgen -f -- "$cur")); fi ;;
         "schema") if [[ $cur == -* ]]; then COMPREPLY=($(compgen -W "--config --quiet --verbose -q -v" -- "$cur")); else COMPREPLY=($(compgen -f -- "$cur")); fi ;;
         "score") if [[ $cur == -* ]]; then COMPREPLY=($(compgen -W "--aggregate --allow-pickle --batch-size --calibrate --chunk --code-memory-mb --code-timeout --code-workers --config --device --dtype --hybrid --max-length --output --quiet --rollout-max-new-tokens --rollout-seed --rollout-temperature --rollouts --rubric --scorer --scorer-batch-size --scorer-device --scorer-max-length --shard --step-separator --tokenizer --transform --trust-remote-code --user --verbose --verifier --weights -o -q -s -v" -- "$cur")); else COMPREPLY=($(compgen -f -- "$cur")); fi ;;
         "train-policy") if [[ $cur == -* ]]; then COMPREPLY=($(compgen -W "--aggregate --allow-pickle --alpha --batch-size --beta --blend-every --blend-lr --calibrate --chunk-by --chunk-clip --clip --code-memory-mb --code-timeout --code-workers --config --credit --critic --dtype --engine --entropy-coef --entropy-quantile --entropy-scope --entropy-threshold --epochs --epsilon --epsilon-high --es-lr --eval-pairs --fitness-batch --force --generations --grad-accum --gradient-checkpointing --grao-lambda --held-out --hybrid --importance-sampling --init-adapter --label-smoothing --list-methods --logging-steps --lora-alpha --lora-dropout --lora-r --lora-targets --loss --loss-weights --lr --mask-truncated --max-length --max-new-tokens --max-steps --merge-lora --meta-every --meta-judge --meta-samples --meta-temperature --method --model --no-record-ref --no-ref-cache --num-generations --off-policy --off-policy-clip --off-policy-is --off-policy-share --opt --output --popsize --quiet --ref-model --report-to --resume --reward --reward-weights --rollout-max-new-tokens --rollout-seed --rollout-temperature --rollouts --rubric --sample-every --save-steps --scale-rewards --scorer-batch-size --scorer-device --scorer-max-length --seed --seppo-max-snapshots --seppo-snapshot-every --sft-weight --sigma0 --simpo-gamma --step-separator --sync-every --temperature --tokenizer --transform --trust-remote-code --user --verbose --verifier --warmup-ratio -m -o -q -v" -- "$cur")); else COMPREPLY=($(compgen -f -- "$cur")); fi ;;

@@ -109,7 +109,7 @@ complete -c alignkit -n '__fish_seen_subcommand_from eval' -l rollout-temperatur
 complete -c alignkit -n '__fish_seen_subcommand_from eval' -l rollouts -r
 complete -c alignkit -n '__fish_seen_subcommand_from eval' -l rubric -r
 complete -c alignkit -n '__fish_seen_subcommand_from eval' -l samples-out -r
-complete -c alignkit -n '__fish_seen_subcommand_from eval' -l scorer -x -a 'rules rm pairwise judge python length aepo code prm mc-rollout'
+complete -c alignkit -n '__fish_seen_subcommand_from eval' -l scorer -x -a 'rules rm pairwise judge python length aepo code prm prm-step mc-rollout'
 complete -c alignkit -n '__fish_seen_subcommand_from eval' -l scorer-batch-size -r
 complete -c alignkit -n '__fish_seen_subcommand_from eval' -l scorer-device -r
 complete -c alignkit -n '__fish_seen_subcommand_from eval' -l scorer-max-length -r
@@ -130,7 +130,7 @@ complete -c alignkit -n '__fish_seen_subcommand_from eval' -s b -r -a 'smollm2-1
 complete -c alignkit -n '__fish_seen_subcommand_from eval' -s m -r -a 'smollm2-135m-instruct minilm-l6 tiny-llama'
 complete -c alignkit -n '__fish_seen_subcommand_from eval' -s n -r
 complete -c alignkit -n '__fish_seen_subcommand_from eval' -s q
-complete -c alignkit -n '__fish_seen_subcommand_from eval' -s s -x -a 'rules rm pairwise judge python length aepo code prm mc-rollout'
+complete -c alignkit -n '__fish_seen_subcommand_from eval' -s s -x -a 'rules rm pairwise judge python length aepo code prm prm-step mc-rollout'
 complete -c alignkit -n '__fish_seen_subcommand_from eval' -s v
 complete -c alignkit -n '__fish_seen_subcommand_from gen-pairs' -l allow-pickle
 complete -c alignkit -n '__fish_seen_subcommand_from gen-pairs' -l alpha -r
@@ -261,6 +261,7 @@ complete -c alignkit -n '__fish_seen_subcommand_from relabel' -l k -r
 complete -c alignkit -n '__fish_seen_subcommand_from relabel' -l keep -r
 complete -c alignkit -n '__fish_seen_subcommand_from relabel' -l length-balance -r
 complete -c alignkit -n '__fish_seen_subcommand_from relabel' -l max-length -r
+complete -c alignkit -n '__fish_seen_subcommand_from relabel' -l max-prefixes -r
 complete -c alignkit -n '__fish_seen_subcommand_from relabel' -l max-vars -r
 complete -c alignkit -n '__fish_seen_subcommand_from relabel' -l min-chosen -r
 complete -c alignkit -n '__fish_seen_subcommand_from relabel' -l min-margin -r
@@ -282,7 +283,7 @@ complete -c alignkit -n '__fish_seen_subcommand_from relabel' -l seed -r
 complete -c alignkit -n '__fish_seen_subcommand_from relabel' -l select -r
 complete -c alignkit -n '__fish_seen_subcommand_from relabel' -l shard -r
 complete -c alignkit -n '__fish_seen_subcommand_from relabel' -l step-separator -r
-complete -c alignkit -n '__fish_seen_subcommand_from relabel' -l strategy -x -a 'best-worst all-pairs top-k sppo reward-augmented rank unpaired filter referee-tasks exec-trace rerank'
+complete -c alignkit -n '__fish_seen_subcommand_from relabel' -l strategy -x -a 'best-worst all-pairs top-k sppo reward-augmented rank unpaired filter referee-tasks exec-trace rerank step-prompts'
 complete -c alignkit -n '__fish_seen_subcommand_from relabel' -l threshold -r
 complete -c alignkit -n '__fish_seen_subcommand_from relabel' -l tokenizer -r -a 'smollm2-135m-instruct minilm-l6 tiny-llama'
 complete -c alignkit -n '__fish_seen_subcommand_from relabel' -l transform -r
@@ -317,7 +318,7 @@ complete -c alignkit -n '__fish_seen_subcommand_from score' -l rollout-seed -r
 complete -c alignkit -n '__fish_seen_subcommand_from score' -l rollout-temperature -r
 complete -c alignkit -n '__fish_seen_subcommand_from score' -l rollouts -r
 complete -c alignkit -n '__fish_seen_subcommand_from score' -l rubric -r
-complete -c alignkit -n '__fish_seen_subcommand_from score' -l scorer -x -a 'rules rm pairwise judge python length aepo code prm mc-rollout'
+complete -c alignkit -n '__fish_seen_subcommand_from score' -l scorer -x -a 'rules rm pairwise judge python length aepo code prm prm-step mc-rollout'
 complete -c alignkit -n '__fish_seen_subcommand_from score' -l scorer-batch-size -r
 complete -c alignkit -n '__fish_seen_subcommand_from score' -l scorer-device -r
 complete -c alignkit -n '__fish_seen_subcommand_from score' -l scorer-max-length -r
@@ -332,7 +333,7 @@ complete -c alignkit -n '__fish_seen_subcommand_from score' -l verifier -r
 complete -c alignkit -n '__fish_seen_subcommand_from score' -l weights -r
 complete -c alignkit -n '__fish_seen_subcommand_from score' -s o -r
 complete -c alignkit -n '__fish_seen_subcommand_from score' -s q
-complete -c alignkit -n '__fish_seen_subcommand_from score' -s s -x -a 'rules rm pairwise judge python length aepo code prm mc-rollout'
+complete -c alignkit -n '__fish_seen_subcommand_from score' -s s -x -a 'rules rm pairwise judge python length aepo code prm prm-step mc-rollout'
 complete -c alignkit -n '__fish_seen_subcommand_from score' -s v
 complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l aggregate -r
 complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l allow-pickle
@@ -407,7 +408,7 @@ complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l quiet
 complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l ref-model -r -a 'smollm2-135m-instruct minilm-l6 tiny-llama'
 complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l report-to -r
 complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l resume
-complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l reward -x -a 'rules rm pairwise judge python length aepo code prm mc-rollout'
+complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l reward -x -a 'rules rm pairwise judge python length aepo code prm prm-step mc-rollout'
 complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l reward-weights -r
 complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l rollout-max-new-tokens -r
 complete -c alignkit -n '__fish_seen_subcommand_from train-policy' -l rollout-seed -r

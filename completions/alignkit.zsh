@@ -75,7 +75,7 @@ _alignkit() {
     "eval --rollouts") _files; return ;;
     "eval --rubric") _files; return ;;
     "eval --samples-out") _files; return ;;
-    "eval --scorer") compadd -- rules rm pairwise judge python length aepo code prm mc-rollout; return ;;
+    "eval --scorer") compadd -- rules rm pairwise judge python length aepo code prm prm-step mc-rollout; return ;;
     "eval --scorer-batch-size") _files; return ;;
     "eval --scorer-device") _files; return ;;
     "eval --scorer-max-length") _files; return ;;
@@ -94,7 +94,7 @@ _alignkit() {
     "eval -b") compadd -- smollm2-135m-instruct minilm-l6 tiny-llama; _files; return ;;
     "eval -m") compadd -- smollm2-135m-instruct minilm-l6 tiny-llama; _files; return ;;
     "eval -n") _files; return ;;
-    "eval -s") compadd -- rules rm pairwise judge python length aepo code prm mc-rollout; return ;;
+    "eval -s") compadd -- rules rm pairwise judge python length aepo code prm prm-step mc-rollout; return ;;
     "gen-pairs --alpha") _files; return ;;
     "gen-pairs --batch-size") _files; return ;;
     "gen-pairs --config") _files; return ;;
@@ -177,6 +177,7 @@ _alignkit() {
     "relabel --keep") _files; return ;;
     "relabel --length-balance") _files; return ;;
     "relabel --max-length") _files; return ;;
+    "relabel --max-prefixes") _files; return ;;
     "relabel --max-vars") _files; return ;;
     "relabel --min-chosen") _files; return ;;
     "relabel --min-margin") _files; return ;;
@@ -196,7 +197,7 @@ _alignkit() {
     "relabel --select") _files; return ;;
     "relabel --shard") _files; return ;;
     "relabel --step-separator") _files; return ;;
-    "relabel --strategy") compadd -- best-worst all-pairs top-k sppo reward-augmented rank unpaired filter referee-tasks exec-trace rerank; return ;;
+    "relabel --strategy") compadd -- best-worst all-pairs top-k sppo reward-augmented rank unpaired filter referee-tasks exec-trace rerank step-prompts; return ;;
     "relabel --threshold") _files; return ;;
     "relabel --tokenizer") compadd -- smollm2-135m-instruct minilm-l6 tiny-llama; _files; return ;;
     "relabel --transform") _files; return ;;
@@ -221,7 +222,7 @@ _alignkit() {
     "score --rollout-temperature") _files; return ;;
     "score --rollouts") _files; return ;;
     "score --rubric") _files; return ;;
-    "score --scorer") compadd -- rules rm pairwise judge python length aepo code prm mc-rollout; return ;;
+    "score --scorer") compadd -- rules rm pairwise judge python length aepo code prm prm-step mc-rollout; return ;;
     "score --scorer-batch-size") _files; return ;;
     "score --scorer-device") _files; return ;;
     "score --scorer-max-length") _files; return ;;
@@ -233,7 +234,7 @@ _alignkit() {
     "score --verifier") _files; return ;;
     "score --weights") _files; return ;;
     "score -o") _files; return ;;
-    "score -s") compadd -- rules rm pairwise judge python length aepo code prm mc-rollout; return ;;
+    "score -s") compadd -- rules rm pairwise judge python length aepo code prm prm-step mc-rollout; return ;;
     "train-policy --aggregate") _files; return ;;
     "train-policy --alpha") _files; return ;;
     "train-policy --batch-size") _files; return ;;
@@ -296,7 +297,7 @@ _alignkit() {
     "train-policy --popsize") _files; return ;;
     "train-policy --ref-model") compadd -- smollm2-135m-instruct minilm-l6 tiny-llama; _files; return ;;
     "train-policy --report-to") _files; return ;;
-    "train-policy --reward") compadd -- rules rm pairwise judge python length aepo code prm mc-rollout; return ;;
+    "train-policy --reward") compadd -- rules rm pairwise judge python length aepo code prm prm-step mc-rollout; return ;;
     "train-policy --reward-weights") _files; return ;;
     "train-policy --rollout-max-new-tokens") _files; return ;;
     "train-policy --rollout-seed") _files; return ;;
@@ -374,7 +375,7 @@ _alignkit() {
     "models list") if [[ $cur == -* ]]; then compadd -- --config --quiet --verbose -q -v; else _files; fi ;;
     "models pull") if [[ $cur == -* ]]; then compadd -- --config --force --quiet --to --verbose -q -v; else _files; fi ;;
     "models tiny") if [[ $cur == -* ]]; then compadd -- --config --force --heads --hidden --layers --out --quiet --seed --tokenizer-from --verbose -o -q -v; else _files; fi ;;
-    "relabel") if [[ $cur == -* ]]; then compadd -- --aggregate --agree --batch-size --calibrate --code-memory-mb --code-timeout --code-workers --config --dedupe --dtype --finished-only --hybrid --include-passing --k --keep --length-balance --max-length --max-vars --min-chosen --min-margin --no-system --output --quantile --quiet --rm --rollout-max-new-tokens --rollout-seed --rollout-temperature --rollouts --rubric --scale --scorer-batch-size --scorer-device --scorer-max-length --seed --select --shard --step-separator --strategy --threshold --tokenizer --transform --user --verbose --verifier -o -q -v; else _files; fi ;;
+    "relabel") if [[ $cur == -* ]]; then compadd -- --aggregate --agree --batch-size --calibrate --code-memory-mb --code-timeout --code-workers --config --dedupe --dtype --finished-only --hybrid --include-passing --k --keep --length-balance --max-length --max-prefixes --max-vars --min-chosen --min-margin --no-system --output --quantile --quiet --rm --rollout-max-new-tokens --rollout-seed --rollout-temperature --rollouts --rubric --scale --scorer-batch-size --scorer-device --scorer-max-length --seed --select --shard --step-separator --strategy --threshold --tokenizer --transform --user --verbose --verifier -o -q -v; else _files; fi ;;
     "schema") if [[ $cur == -* ]]; then compadd -- --config --quiet --verbose -q -v; else _files; fi ;;
     "score") if [[ $cur == -* ]]; then compadd -- --aggregate --allow-pickle --batch-size --calibrate --chunk --code-memory-mb --code-timeout --code-workers --config --device --dtype --hybrid --max-length --output --quiet --rollout-max-new-tokens --rollout-seed --rollout-temperature --rollouts --rubric --scorer --scorer-batch-size --scorer-device --scorer-max-length --shard --step-separator --tokenizer --transform --trust-remote-code --user --verbose --verifier --weights -o -q -s -v; else _files; fi ;;
     "train-policy") if [[ $cur == -* ]]; then compadd -- --aggregate --allow-pickle --alpha --batch-size --beta --blend-every --blend-lr --calibrate --chunk-by --chunk-clip --clip --code-memory-mb --code-timeout --code-workers --config --credit --critic --dtype --engine --entropy-coef --entropy-quantile --entropy-scope --entropy-threshold --epochs --epsilon --epsilon-high --es-lr --eval-pairs --fitness-batch --force --generations --grad-accum --gradient-checkpointing --grao-lambda --held-out --hybrid --importance-sampling --init-adapter --label-smoothing --list-methods --logging-steps --lora-alpha --lora-dropout --lora-r --lora-targets --loss --loss-weights --lr --mask-truncated --max-length --max-new-tokens --max-steps --merge-lora --meta-every --meta-judge --meta-samples --meta-temperature --method --model --no-record-ref --no-ref-cache --num-generations --off-policy --off-policy-clip --off-policy-is --off-policy-share --opt --output --popsize --quiet --ref-model --report-to --resume --reward --reward-weights --rollout-max-new-tokens --rollout-seed --rollout-temperature --rollouts --rubric --sample-every --save-steps --scale-rewards --scorer-batch-size --scorer-device --scorer-max-length --seed --seppo-max-snapshots --seppo-snapshot-every --sft-weight --sigma0 --simpo-gamma --step-separator --sync-every --temperature --tokenizer --transform --trust-remote-code --user --verbose --verifier --warmup-ratio -m -o -q -v; else _files; fi ;;

@@ -64,7 +64,7 @@ def direct_rewards(rm_dir, pairs):
 
 def test_registry_names():
     assert set(SCORERS.names()) == {"rules", "rm", "pairwise", "judge", "python", "length", "aepo",
-                                    "prm", "code", "mc-rollout"}
+                                    "prm", "code", "mc-rollout", "prm-step"}
 
 
 @pytest.mark.parametrize("specs,kw,msg", [

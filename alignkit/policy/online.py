@@ -23,6 +23,9 @@ their own modules: `--meta-judge MODEL` (mpo.py, MPO: a meta-judge rewrites the 
 `--rubric` every `--meta-every` steps; OUT/rubrics.jsonl) and `--reward-weights
 learn:PRIMARY` (reward_blend.py, BARFI: the auxiliary weights learned by the one-step
 hypergradient cos(g_primary, g_k); `reward_weight/<spec>` in metrics.jsonl).
+Step prompts (`meta.steps_prefix`, from `relabel --strategy step-prompts`): PROPA's
+step-level GRPO, one sampled step per completion, rewarded on the text so far
+(`--reward prm-step:DIR`); see policy/steps.py.
 
 Each method is one entry below. Its info fields say what differs between methods:
 `trainer_class` and `config_class` ("module:attribute"), `pair_loss` ("p3o" | "ipo"
@@ -350,18 +353,21 @@ def plan(run: PolicyRun) -> Plan:
     return p
 
 
-def reward_fn(scorer, records: list[dict]):
+def reward_fn(scorer, records: list[dict], separator: str | None = None):
     """The combined scorer as a TRL reward function over the dataset's `row` column:
-    each completion is scored against its prompt record (prompt, meta, id)."""
+    each completion is scored against its prompt record (prompt, meta, id); a step
+    prompt's completion as the text so far (policy/steps.py `scorer_view`)."""
     from .online_trainers import as_completion
+    from .steps import scorer_view
     fn = scorer.reward_fn()
 
     def reward(prompts, completions, row, **_):
         recs = [records[i] for i in row]
         texts = [c if isinstance(c, str) else c[-1]["content"] for c in completions]
+        views = [scorer_view(r, t, separator) for r, t in zip(recs, texts)]
         return fn([r["prompt"] for r in recs],
-                  [as_completion(t, r["prompt"]) for t, r in zip(texts, recs)],
-                  meta=[r.get("meta") or {} for r in recs], id=[r["id"] for r in recs])
+                  [as_completion(t, r["prompt"]) for (t, _m), r in zip(views, recs)],
+                  meta=[m for _t, m in views], id=[r["id"] for r in recs])
 
     reward.__name__ = fn.__name__
     return reward
@@ -382,13 +388,16 @@ def check_rules(data: Data, scorer) -> None:
                 raise e.at(data.path if data.path != "-" else "<stdin>", data.lines[i]) from None
 
 
-def prompt_rows(data: Data, tok, max_new_tokens: int, max_length: int) -> tuple[list[dict], int]:
+def prompt_rows(data: Data, tok, max_new_tokens: int, max_length: int,
+                separator: str | None = None) -> tuple[list[dict], int]:
     """Dataset rows {prompt: the chat-templated text, row: record index}; prompts with
-    no room for max_new_tokens under --max-length are dropped (with a warning)."""
+    no room for max_new_tokens under --max-length are dropped (with a warning). A step
+    prompt (`meta.steps_prefix`, policy/steps.py) gets its prefix steps + `separator`."""
     from ..generation import encode_prompt, render_prompt
+    from .steps import prompt_suffix
     rows, dropped = [], 0
     for i, rec in enumerate(data.records):
-        text = render_prompt(tok, rec["prompt"])
+        text = render_prompt(tok, rec["prompt"]) + prompt_suffix(data, i, separator)[0]
         if len(encode_prompt(tok, text)) + max_new_tokens > max_length:
             dropped += 1
             continue
@@ -425,7 +434,8 @@ def train_online(run: PolicyRun) -> Path:
                            trust_remote_code=run.trust_remote_code)
     check_rules(data, scorer)
     tok = load_tokenizer(run.model, run.trust_remote_code)
-    rows, dropped = prompt_rows(data, tok, p.fields["max_completion_length"], opts.max_length)
+    rows, dropped = prompt_rows(data, tok, p.fields["max_completion_length"], opts.max_length,
+                                separator=scoring.step_separator)
     for key in ("min_p", "repetition_penalty", "use_vllm"):
         if key in run.config:
             raise UsageError(f"--opt {key}: online methods sample with alignkit's sampler "
@@ -465,6 +475,7 @@ def _train(run: PolicyRun, p: Plan, config_cls, scorer, scoring, specs: list[str
     from ..models import model_sha256
     from ..training import lora_config, prepare_run
     from . import online_trainers
+    from .steps import stop_map as step_stops
     m, opts, data = run.method, run.opts, run.data
     rows, dropped = prompt_rows
     sample_every, sync_every = run.options["sample_every"], run.options["sync_every"]
@@ -483,6 +494,7 @@ def _train(run: PolicyRun, p: Plan, config_cls, scorer, scoring, specs: list[str
     ctx = online_trainers.OnlineContext(
         records=data.records, tokenizer=tok, work=work, seed=opts.seed, sample_every=sample_every,
         alpha=p.alpha, resumed=opts.resume, engine=engine, sync_every=sync_every,
+        step_stops=step_stops(data, rows, scoring.step_separator),  # policy/steps.py
         **p.off_policy,
         gen={"model": str(run.out), "base": str(run.model), "method": m.name,
              "temperature": cfg.temperature, "top_p": cfg.top_p,
@@ -490,7 +502,7 @@ def _train(run: PolicyRun, p: Plan, config_cls, scorer, scoring, specs: list[str
              **({"engine": "vllm", "sync_every": sync_every} if engine is not None else {})})
     from . import reward_blend  # --reward-weights learn:PRIMARY: the BARFI subclass
     trainer = reward_blend.trainer_class(import_attr(p.trainer), run.reward_weights)(
-        model=model, reward_funcs=[reward_fn(scorer, data.records)], args=cfg,
+        model=model, reward_funcs=[reward_fn(scorer, data.records, scoring.step_separator)], args=cfg,
         train_dataset=Dataset.from_list(rows), processing_class=tok,
         peft_config=lora_config(opts), ctx=ctx, ref_model=ref, **p.kwargs)
     del ref

@@ -89,6 +89,7 @@ class OnlineContext:
     off_share: float = 0.25            # the share of each group replaced (online_losses.off_policy_count)
     off_is: str = "token-mean"         # "sequence" | "token-mean" (online_losses.off_policy_weights)
     off_clip: float = 1.0              # κ (0: no clip)
+    step_stops: dict = field(default_factory=dict)  # step prompts: rendered -> separator (steps.py)
     _ids: dict = field(default_factory=dict)
 
     def encode(self, rendered: str) -> list[int]:
@@ -225,6 +226,10 @@ class OnlineMixin:
                                 alpha=self._ak.alpha, keys=keys, return_ids=True,
                                 progress=console.NullTask())
             rows = [row for group in groups for row in group]
+            if self._ak.step_stops:  # step prompts: one step per completion (policy/steps.py)
+                from .steps import cut_rows
+                cut_rows(rows, texts, self._ak.step_stops, self._ak.tokenizer, prompt_ids,
+                         model, ref)
             if ref is None or engine is not None:
                 # teacher-forced reference log-probs: the HF sampler gives them with a
                 # separate reference; LoRA's reference is the model, adapter disabled

@@ -24,7 +24,7 @@ __all__ = ["STRATEGIES", "RelabelOptions", "Strategy", "Where", "strategy", "is_
 # filled by the strategy modules (imported on first use)
 STRATEGIES = Registry("relabel strategy", "--strategy", modules=tuple(
     f"alignkit.relabel.{m}" for m in ("pairs", "augment", "rankings", "filters", "referee",
-                                      "exec_trace", "rerank")))
+                                      "exec_trace", "rerank", "steps")))
 
 Where = tuple[Optional[str], Optional[int]]  # (path, line) of a record, for errors
 

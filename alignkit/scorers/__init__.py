@@ -12,6 +12,7 @@ and `eval`. Spec strings name a scorer kind and its argument:
     aepo[:K]              AEPO multi-answer reward 1+1/sqrt(N*rank) / 1-1/N (meta.answer)
     code[:all]            share of meta.tests asserts passed by the completion's code (sandboxed)
     prm:DIR               process reward model: per-step P(correct), aggregated (min|prod|last|mean)
+    prm-step:DIR          PRM P(correct) of the last step of meta.steps_prefix + completion (PROPA)
     mc-rollout:MODEL      Monte-Carlo step values: mean --verifier score of --rollouts continuations
 
 Each scorer writes `scores[SPEC]` per completion (the spec string as given is the key).
@@ -80,6 +81,8 @@ for _name, _usage, _cls, _summary in [
      "asserts the completion's code passes in a sandboxed subprocess (code:all: 1 iff all pass)"),
     ("prm", "prm:DIR", "prm:PRMScorer", "process reward model from train-rm --method prm: "
      "P(correct) per step, combined by --aggregate min|prod|last|mean (default min)"),
+    ("prm-step", "prm-step:DIR", "prm:PRMStepScorer", "PROPA step reward: PRM P(correct) of "
+     "the last step of meta.steps_prefix + the completion (one step on step prompts)"),
     ("mc-rollout", "mc-rollout:MODEL", "mc_rollout:MCRolloutScorer", "step-level DAPO "
      "(arXiv 2412.18279) stage A: per step prefix, mean --verifier score of --rollouts "
      "continuations from MODEL (writes mc_rollout.step_values)"),

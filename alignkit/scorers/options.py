@@ -49,9 +49,11 @@ class ScorerOptions:
     code_memory_mb: int = opt(512, "code scorer: address-space limit of the test "
                               "subprocess (RLIMIT_AS), MiB.", low=16, metavar="MB")
     code_workers: int = opt(2, "code scorer: test subprocesses run in parallel.", low=1)
-    step_separator: Optional[str] = opt(None, "mc-rollout scorer: splits a completion into "
-                                        "steps (escapes \\n \\t decoded; default a blank "
-                                        "line, \\n\\n).", metavar="TEXT")
+    step_separator: Optional[str] = opt(None, "mc-rollout scorer, relabel step-prompts and "
+                                        "train-policy on step prompts (meta.steps_prefix; "
+                                        "default there meta.step_separator): splits a "
+                                        "completion into steps (escapes \\n \\t decoded; "
+                                        "default a blank line, \\n\\n).", metavar="TEXT")
     rollouts: int = opt(8, "mc-rollout scorer: continuations M sampled from each step prefix "
                         "(v(s_k) = mean verifier score of the M).", low=1, metavar="M")
     verifier: str = opt("rules", "mc-rollout scorer: the scorer spec that scores each rollout "
