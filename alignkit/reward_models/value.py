@@ -17,6 +17,10 @@ Targets (TRL's VAS branch reading, Part D §13): the reward is the completion's 
 δ_t = r_t + γ·V_old(t+1) − V_old(t) with V_old(T) = 0; A_t = Σ_l (γλ)^l δ_{t+l};
 R_t = A_t + V_old(t), where V_old comes from a no-grad pass at the start of each epoch
 (`td_lambda_targets`). Loss ½·mean over tokens of (V(t) − R_t)², Adam, no clipping.
+The head starts at V ≡ the mean training reward (zero weights, that bias), so the
+first epoch's targets bootstrap from an unbiased V_old: from a random head, a short
+run (one epoch or less) leaves every non-final token near the head's random output
+while the final token learns the reward, and a guide then mostly rewards ending.
 Defaults γ = 1, λ = 0.95. Simplifications: no reward whitening; --epochs is rounded
 up to whole epochs (TRL's VAS uses 2); no LoRA and no --resume (a small hand-written
 loop, not a HF Trainer). The held-out metric is the terminal value's MSE against the
@@ -176,6 +180,9 @@ def train(path: str, model_spec: str, out: str | Path, opts, cfg: RMConfig) -> d
     pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
     rows = _tokenize(tok, train_items, opts.max_length)
     rewards = [it["reward"] for it in train_items]
+    with torch.no_grad():  # V_old ≡ mean reward at the start: the first epoch's TD(λ)
+        model.head.weight.zero_()  # targets bootstrap from it, not from a random head
+        model.head.bias.fill_(sum(rewards) / max(1, len(rewards)))
     optim = torch.optim.Adam(model.parameters(), lr=opts.lr)
     bs, step, log = opts.batch_size, 0, []
     for epoch in range(max(1, math.ceil(opts.epochs))):
