@@ -113,6 +113,11 @@ def write_jsonl(path: Path, records) -> Path:
     return path
 
 
+def metrics(folder) -> list[dict]:
+    """The rows of a training folder's metrics.jsonl."""
+    return [json.loads(x) for x in (Path(folder) / "metrics.jsonl").read_text().splitlines()]
+
+
 @pytest.fixture(scope="session")
 def vtiny(tmp_path_factory) -> Path:
     """A tiny random Llama whose head size (32) vLLM's CPU attention supports (the

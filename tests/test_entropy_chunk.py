@@ -13,16 +13,13 @@ import pytest
 import torch
 
 from alignkit.policy import online_losses as L
-from conftest import write_jsonl
+from conftest import metrics, write_jsonl
 
 REWARD = '''
 def short(prompts, completions, **kw):
     return [-len(c if isinstance(c, str) else c[0]["content"]) / 40.0 for c in completions]
 '''
 
-
-def metrics(folder) -> list[dict]:
-    return [json.loads(x) for x in (Path(folder) / "metrics.jsonl").read_text().splitlines()]
 
 
 @pytest.fixture(scope="module")

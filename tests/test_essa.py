@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from alignkit.policy import es
-from conftest import write_jsonl
+from conftest import metrics, write_jsonl
 
 PROMPTS = ["Write about the ocean", "Tell me a joke", "Say hello", "Name a color",
            "What is art", "Describe space", "Talk about music", "Give advice"]
@@ -67,9 +67,6 @@ def load_peft(base_dir, folder):
     from transformers import AutoModelForCausalLM
     return PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), folder)
 
-
-def metrics(folder) -> list[dict]:
-    return [json.loads(x) for x in (Path(folder) / "metrics.jsonl").read_text().splitlines()]
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from alignkit.policy import online_losses as L
-from conftest import write_jsonl
+from conftest import metrics, write_jsonl
 
 REWARD = '''
 def short(prompts, completions, **kw):
@@ -24,9 +24,6 @@ PROMPTS = ["Write about the ocean", "Tell me a joke", "Say hello", "Name a color
 TEACHER = {"q0": ["The sea is wide.", "Waves."], "q1": ["A pun.", "Knock knock."],
            "q2": ["Hello!", "Hi there."], "q3": ["Blue.", "Red."]}
 
-
-def metrics(folder) -> list[dict]:
-    return [json.loads(x) for x in (Path(folder) / "metrics.jsonl").read_text().splitlines()]
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from alignkit.policy import online_losses as L
-from conftest import write_jsonl
+from conftest import metrics, write_jsonl
 
 PROMPTS = ["Write about the ocean", "Tell me a joke", "Say hello", "Name a color",
            "What is art", "Describe space", "Talk about music", "Give advice"]
@@ -34,9 +34,6 @@ def run(args) -> int:
     from alignkit import cli as cli_mod
     return cli_mod.main(["--quiet", *[str(a) for a in args]])
 
-
-def metrics(folder) -> list[dict]:
-    return [json.loads(x) for x in (Path(folder) / "metrics.jsonl").read_text().splitlines()]
 
 
 def samples(folder) -> list[dict]:

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import write_jsonl
+from conftest import metrics, write_jsonl
 from test_train_policy import pair_records
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -78,9 +78,6 @@ def _rel_diff(a: dict, b: dict, base: dict) -> float:
     den = sum(float(((b[k].double() - base[k].double()) ** 2).sum()) for k in a) ** 0.5
     return num / den
 
-
-def _metrics(folder: Path) -> list[dict]:
-    return [json.loads(x) for x in (folder / "metrics.jsonl").read_text().splitlines()]
 
 
 @pytest.fixture(scope="module")
@@ -198,7 +195,7 @@ def test_fsdp2_two_processes_write_full_trained_weights(fsdp_run, tiny_model):
     assert err.count("wrote ") == 1  # one process writes the one folder
     man = json.loads((out / "alignkit.json").read_text())
     assert man["processes"] == 2
-    assert [r["step"] for r in _metrics(out) if "loss" in r] == list(range(1, STEPS + 1))
+    assert [r["step"] for r in metrics(out) if "loss" in r] == list(range(1, STEPS + 1))
     # the full weights, as a plain save writes them (the tied lm_head kept once)
     base, got = _weights(Path(tiny_model)), _weights(out)
     assert got.keys() == base.keys()
@@ -229,7 +226,7 @@ def test_fsdp2_sigterm_to_one_rank_checkpoints_both_then_resume_matches(scale, f
     p = scale["launch"](*FSDP, out, "--resume")
     assert p.returncode == 0, p.stderr[-3000:]
     assert not partial.exists()
-    assert [r["step"] for r in _metrics(out) if "loss" in r] == list(range(1, STEPS + 1))
+    assert [r["step"] for r in metrics(out) if "loss" in r] == list(range(1, STEPS + 1))
     # the same weights as the uninterrupted run (fp32; seen: identical)
     assert _max_diff(_weights(out), _weights(full)) <= 1e-6
 
@@ -254,7 +251,7 @@ def test_ddp_two_processes_match_one_process_at_the_same_global_batch(scale, ddp
     assert _max_diff(single, base) > 1e-3
     assert _max_diff(ddp, single) <= 1e-4
     assert _rel_diff(ddp, single, base) <= 1e-3
-    losses = [[r["loss"] for r in _metrics(f) if "loss" in r] for f in (ddp_run, one)]
+    losses = [[r["loss"] for r in metrics(f) if "loss" in r] for f in (ddp_run, one)]
     assert losses[0] == pytest.approx(losses[1], abs=1e-5)
     # FSDP2 (reduce-scatter of the same gradients) against DDP: seen 1.2e-7
     assert _max_diff(_weights(fsdp_run[0]), ddp) <= 1e-5

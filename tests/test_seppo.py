@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import write_jsonl
+from conftest import metrics, write_jsonl
 
 WORDS = "good bad better best hello thanks please yes no music space ocean".split()
 FAST = ["--max-steps", "4", "--batch-size", "2", "--max-length", "64", "--max-new-tokens", "6",
@@ -31,9 +31,6 @@ def _records(n: int = 8) -> list[dict]:
             recs.append({"prompt": f"say {WORDS[i]}", "completion": answer})
     return recs
 
-
-def _metrics(folder) -> list[dict]:
-    return [json.loads(l) for l in (Path(folder) / "metrics.jsonl").read_text().splitlines()]
 
 
 def _tensors(path) -> dict:
@@ -177,7 +174,7 @@ def test_cli_writes_a_folder_with_the_flip_share_and_is_deterministic(cli, tiny_
     assert _tensors(a / "model.safetensors").keys() == _tensors(b / "model.safetensors").keys()
     for k, v in _tensors(a / "model.safetensors").items():
         assert torch.equal(v, _tensors(b / "model.safetensors")[k]), k
-    rows = [row for row in _metrics(a) if "loss" in row]
+    rows = [row for row in metrics(a) if "loss" in row]
     assert [row["step"] for row in rows] == [1, 2, 3, 4]
     for row in rows:
         assert 0.0 <= row["seppo/flip_share"] <= 1.0
@@ -233,8 +230,8 @@ def test_lora_interrupt_and_resume_restore_the_snapshots(cli, tiny_model, tmp_pa
     assert want.keys() == got.keys()
     for k in want:
         assert torch.allclose(want[k], got[k], atol=1e-6), k
-    full_rows = [r for r in _metrics(tmp_path / "full") if "loss" in r]
-    cut_rows = [r for r in _metrics(out) if "loss" in r]
+    full_rows = [r for r in metrics(tmp_path / "full") if "loss" in r]
+    cut_rows = [r for r in metrics(out) if "loss" in r]
     assert [r["seppo/ref_update"] for r in cut_rows[-2:]] == \
         [r["seppo/ref_update"] for r in full_rows[-2:]]
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import write_jsonl
+from conftest import metrics, write_jsonl
 
 REL = 1e-4  # fp32 training forward vs the float64 reference computation here
 
@@ -34,9 +34,6 @@ def run(args) -> int:
     from alignkit import cli as cli_mod
     return cli_mod.main(["--quiet", *[str(a) for a in args]])
 
-
-def metrics(folder) -> list[dict]:
-    return [json.loads(x) for x in (Path(folder) / "metrics.jsonl").read_text().splitlines()]
 
 
 def step1(folder) -> dict:

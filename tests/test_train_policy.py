@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import write_jsonl
+from conftest import metrics, write_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--max-steps", "2", "--batch-size", "4", "--max-length", "96"]
@@ -24,10 +24,6 @@ WORDS = "good bad better best hello thanks please yes no music space ocean trave
 
 def info(folder) -> dict:
     return json.loads((Path(folder) / "alignkit.json").read_text())
-
-
-def metrics(folder) -> list[dict]:
-    return [json.loads(line) for line in (Path(folder) / "metrics.jsonl").read_text().splitlines()]
 
 
 def tensors(path) -> dict:
