@@ -80,6 +80,18 @@ def held_out(folder: Path, reward) -> float:
     return sum(scores) / len(scores)
 
 
+def grpo_for(seconds: float, grpo: list, d: Path, short: int, long: int) -> dict:
+    """GRPO run for about `seconds` of wall time, start-up included: two calibration runs
+    (`short` and `long` steps) give the start-up time and the seconds per step."""
+    t_s = alignkit(*grpo, "-o", d / f"calib{short}", "--max-steps", short)
+    t_l = alignkit(*grpo, "-o", d / f"calib{long}", "--max-steps", long)
+    per_step = max((t_l - t_s) / (long - short), 1e-3)
+    startup = max(t_s - short * per_step, 0.0)  # loading, scorer, writing the folder
+    steps = max(1, round((seconds - startup) / per_step))
+    wall = alignkit(*grpo, "-o", d / "grpo", "--max-steps", steps)
+    return {"wall_s": wall, "steps": steps, "startup_s": startup, "per_step_s": per_step}
+
+
 def untied_merge(tiny: Path, adapter: Path, out: Path) -> None:
     """The adapter folded into the tiny model with lm_head untied from the embeddings
     first (merging a LoRA on a tied lm_head would change the input embeddings too)."""
@@ -140,12 +152,7 @@ def real_model(adapter: Path, gens: int) -> dict:
                           "--fitness-batch", 12, *common)
         grpo = ["train-policy", "--method", "grpo", "--model", adapter, prompts,
                 "--batch-size", 12, "--num-generations", 4, "--sample-every", 0, *common]
-        t1 = alignkit(*grpo, "-o", d / "calib1", "--max-steps", 1)
-        t3 = alignkit(*grpo, "-o", d / "calib3", "--max-steps", 3)
-        per_step = max((t3 - t1) / 2, 1e-3)
-        startup = max(t1 - per_step, 0.0)
-        steps = max(1, round((t_essa - startup) / per_step))
-        t_grpo = alignkit(*grpo, "-o", d / "grpo", "--max-steps", steps)
+        g = grpo_for(t_essa, grpo, d, 1, 3)
         return {
             "model": f"SmolLM2-135M-Instruct + LoRA adapter {adapter}",
             "reward": "rules (the demo's verifiable checks)",
@@ -153,9 +160,9 @@ def real_model(adapter: Path, gens: int) -> dict:
             "essa": {"wall_s": round(t_essa, 1), "generations": gens, "popsize": 6,
                      "fitness_batch": 12, "held_out_reward": rules_held_out(d / "essa", held),
                      "train_fitness_mean": quarters(d / "essa", "fitness_mean")},
-            "grpo": {"wall_s": round(t_grpo, 1), "steps": steps, "batch_size": 12,
-                     "calibration": {"startup_s": round(startup, 1),
-                                     "per_step_s": round(per_step, 2)},
+            "grpo": {"wall_s": round(g["wall_s"], 1), "steps": g["steps"], "batch_size": 12,
+                     "calibration": {"startup_s": round(g["startup_s"], 1),
+                                     "per_step_s": round(g["per_step_s"], 2)},
                      "held_out_reward": rules_held_out(d / "grpo", held),
                      "train_reward": quarters(d / "grpo", "reward")},
             "machine": {**machine(), "cpu_lscpu": cpu_model()},
@@ -201,12 +208,7 @@ def main() -> None:
         untied_merge(tiny, adapter, d / "sft-merged")
         grpo = ["train-policy", "--method", "grpo", "--model", d / "sft-merged", prompts,
                 "--lr", "3e-2", "--batch-size", 16, "--sample-every", 0, *common]
-        t2 = alignkit(*grpo, "-o", d / "calib2", "--max-steps", 2)
-        t6 = alignkit(*grpo, "-o", d / "calib6", "--max-steps", 6)
-        per_step = max((t6 - t2) / 4, 1e-3)
-        startup = max(t2 - 2 * per_step, 0.0)  # loading, scorer, writing the folder
-        steps = max(1, round((t_essa - startup) / per_step))
-        t_grpo = alignkit(*grpo, "-o", d / "grpo", "--max-steps", steps)
+        g = grpo_for(t_essa, grpo, d, 2, 6)
 
         result = {
             "model": "tiny-llama (alignkit.models.build_tiny, seed 0)",
@@ -215,9 +217,9 @@ def main() -> None:
             "essa": {"wall_s": round(t_essa, 2), "generations": gens, "popsize": 8,
                      "held_out_reward": held_out(d / "essa", reward),
                      "train_fitness_mean": quarters(d / "essa", "fitness_mean")},
-            "grpo": {"wall_s": round(t_grpo, 2), "steps": steps, "batch_size": 16,
-                     "calibration": {"startup_s": round(startup, 2),
-                                     "per_step_s": round(per_step, 3)},
+            "grpo": {"wall_s": round(g["wall_s"], 2), "steps": g["steps"], "batch_size": 16,
+                     "calibration": {"startup_s": round(g["startup_s"], 2),
+                                     "per_step_s": round(g["per_step_s"], 3)},
                      "held_out_reward": held_out(d / "grpo", reward),
                      "train_reward": quarters(d / "grpo", "reward")},
             "machine": {**machine(), "cpu_lscpu": cpu_model()},

@@ -50,8 +50,7 @@ class ChunkCreditMixin:
 
         logps, entropies = self._forward(model, inputs)
         mask = inputs["completion_mask"].float()
-        old = inputs.get("old_per_token_logps")
-        old = logps.detach() if old is None else old
+        old = self._ak_old_logps(logps, inputs)
         adv = inputs["advantages"]
         ratio, rho, counts = L.chunk_ratios(logps, old, inputs["chunk_ids"], mask)
         if self.chunk_clip == "ipa":

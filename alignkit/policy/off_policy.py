@@ -188,8 +188,7 @@ class OffPolicyMixin:
         from . import online_losses as L
         ctx, off = self._ak, inputs["ak_off"]
         mask = (inputs["completion_mask"] * inputs.get("tool_mask", 1)).float()
-        old = inputs.get("old_per_token_logps")
-        old = logps.detach() if old is None else old
+        old = self._ak_old_logps(logps, inputs)
         mu = inputs["ak_off_mu"]  # NaN: no behaviour logp, πθ_old on the same tokens instead
         mu = torch.where(torch.isnan(mu), (old.double() * mask).sum(-1), mu)
         seq = (logps.detach().double() * mask).sum(-1)

@@ -361,6 +361,13 @@ class _GRPOBase(OffPolicyMixin, OnlineMixin, GRPOTrainer):
     def _ga_scale(self) -> float:
         return self.current_gradient_accumulation_steps if self.model.training else 1.0
 
+    @staticmethod
+    def _ak_old_logps(logps: torch.Tensor, inputs: dict) -> torch.Tensor:
+        """The rollout policy's per-token log-probs: TRL's `old_per_token_logps` when it
+        kept them (several iterations per rollout), else the current ones detached."""
+        old = inputs.get("old_per_token_logps")
+        return logps.detach() if old is None else old
+
     def _ak_aggregate(self, per: torch.Tensor, mask: torch.Tensor, inputs: dict) -> torch.Tensor:
         """Per-token terms aggregated as TRL aggregates its loss for --loss (dapo and cispo:
         over the active tokens of the accumulation window; the others: per completion,
@@ -503,8 +510,7 @@ class PairTrainer(_GRPOBase):
     def _compute_loss(self, model, inputs):
         logps, entropies = self._forward(model, inputs)
         mask = inputs["completion_mask"].float()
-        old = inputs.get("old_per_token_logps")
-        old = logps.detach() if old is None else old
+        old = self._ak_old_logps(logps, inputs)
         ref = inputs["ref_token_logps"]
         r = inputs["pair_rewards"]
         # the two samples of each prompt side by side: pairs (0, 1), (2, 3), ...
