@@ -30,7 +30,7 @@ class _ChunkedLogProb(torch.autograd.Function):
     requested statistics (no gradient) of each row's distribution."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, dtype, outputs):
+    def forward(ctx, hidden, weight, bias, targets, dtype, outputs, temperature=1.0):
         n = hidden.size(0)
         logp = hidden.new_empty(n, dtype=torch.float32)
         lse = hidden.new_empty(n, dtype=torch.float32)
@@ -40,7 +40,7 @@ class _ChunkedLogProb(torch.autograd.Function):
         b = bias.to(dtype) if bias is not None else None
         for s in range(0, n, CHUNK_ROWS):
             e = min(s + CHUNK_ROWS, n)
-            z = _logits(hidden[s:e].to(dtype), w, b)
+            z = _logits(hidden[s:e].to(dtype), w, b, temperature)
             norm = torch.logsumexp(z, dim=-1)
             t = targets[s:e].unsqueeze(-1)
             zt = z.gather(-1, t).squeeze(-1)
@@ -57,13 +57,14 @@ class _ChunkedLogProb(torch.autograd.Function):
                 stats["is_top1"][s:e] = z.argmax(-1) == targets[s:e]
         ctx.save_for_backward(hidden, weight, bias, targets, lse)
         ctx.dtype = dtype
+        ctx.temperature = temperature
         ctx.mark_non_differentiable(*stats.values())
         return (logp, *stats.values())
 
     @staticmethod
     def backward(ctx, grad_logp, *_):
         hidden, weight, bias, targets, lse = ctx.saved_tensors
-        dtype = ctx.dtype
+        dtype, t = ctx.dtype, ctx.temperature
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         w = weight.to(dtype)
         b = bias.to(dtype) if bias is not None else None
@@ -75,9 +76,9 @@ class _ChunkedLogProb(torch.autograd.Function):
             h = hidden[s:e].to(dtype)
             g = grad_logp[s:e].float()
             # d log p_t / d z_j = 1[j = t] - p_j
-            gz = torch.exp(_logits(h, w, b) - lse[s:e].unsqueeze(-1)).mul_(-g.unsqueeze(-1))
+            gz = torch.exp(_logits(h, w, b, t) - lse[s:e].unsqueeze(-1)).mul_(-g.unsqueeze(-1))
             gz.scatter_add_(-1, targets[s:e].unsqueeze(-1), g.unsqueeze(-1))
-            gz = gz.to(dtype)
+            gz = (gz / t if t != 1.0 else gz).to(dtype)  # z = (h w^T + b) / t
             if need_h:
                 grad_h[s:e] = (gz @ w).to(hidden.dtype)
             if need_w:
@@ -85,14 +86,15 @@ class _ChunkedLogProb(torch.autograd.Function):
             if need_b:
                 grad_b += gz.float().sum(0)
         return (grad_h, grad_w.to(weight.dtype) if need_w else None,
-                grad_b.to(bias.dtype) if need_b else None, None, None, None)
+                grad_b.to(bias.dtype) if need_b else None, None, None, None, None)
 
 
-def _logits(h, w, b):
+def _logits(h, w, b, temperature=1.0):
     z = h @ w.t()
     if b is not None:
         z = z + b
-    return z.float()
+    z = z.float()
+    return z / temperature if temperature != 1.0 else z
 
 
 def _base(model):
@@ -121,10 +123,20 @@ def supported(model) -> bool:
     return hasattr(base, base.base_model_prefix)
 
 
-def fused_forward(model, input_ids, attention_mask, labels, outputs=("log_probs",) + STATS):
+def enabled(model) -> bool:
+    """Whether alignkit's trainers use this head for `model`: `supported`, unless the
+    environment sets ALIGNKIT_CPU_HEAD=0 (TRL's fused head then, for comparison)."""
+    import os
+    return os.environ.get("ALIGNKIT_CPU_HEAD", "1") != "0" and supported(model)
+
+
+def fused_forward(model, input_ids, attention_mask, labels, outputs=("log_probs",) + STATS,
+                  temperature: float = 1.0, fp32_head: bool = False):
     """`model(input_ids, attention_mask, labels=labels, fused_lm_head=True)` for a model
     that `supported` accepts: a `FusedCausalLMOutput` whose per-token fields are
-    [N, T-1], zero where the next-token label is -100."""
+    [N, T-1], zero where the next-token label is -100. `temperature` divides the logits
+    and `fp32_head` computes the head in float32 under autocast, as TRL's
+    `add_fused_lm_head(temperature=, cast_lm_head_to_fp32=)` do (the online trainers)."""
     from trl.trainer.utils import FusedCausalLMOutput
     base = _base(model)
     backbone = getattr(base, base.base_model_prefix)
@@ -134,10 +146,12 @@ def fused_forward(model, input_ids, attention_mask, labels, outputs=("log_probs"
     mask = shifted != -100
     head = base.get_output_embeddings()
     dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else hidden.dtype
+    if fp32_head:
+        dtype = torch.float32
     wanted = tuple(k for k in STATS if k in outputs)
     with torch.autocast("cpu", enabled=False):
         values = _ChunkedLogProb.apply(hidden[mask], head.weight, head.bias, shifted[mask], dtype,
-                                       wanted)
+                                       wanted, float(temperature))
     fields = {}
     for name, v in zip(("log_probs", *wanted), values):
         fields[name] = v.new_zeros(mask.shape).masked_scatter(mask, v)

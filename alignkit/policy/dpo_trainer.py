@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import gc
 import math
-import os
 import time
 from dataclasses import dataclass
 
@@ -126,7 +125,7 @@ class LengthChunked:
         self.outputs = outputs
         # on CPU, our head (cpu_head) instead of TRL's fused head: same values, a fraction
         # of the time; ALIGNKIT_CPU_HEAD=0 keeps TRL's
-        self.cpu = os.environ.get("ALIGNKIT_CPU_HEAD", "1") != "0" and cpu_head.supported(model)
+        self.cpu = cpu_head.enabled(model)
 
     def _model(self, **kw):
         if self.cpu and set(kw) <= {"input_ids", "attention_mask", "labels", "fused_lm_head", "use_cache"}:

@@ -66,6 +66,7 @@ from ..records import Text
 from . import online_losses as L
 from .chunk_credit import ChunkCreditMixin
 from .off_policy import OffPolicyMixin
+from .online_head import OnlineHeadMixin
 
 STATE_FILE = "alignkit_online_state.json"
 
@@ -104,7 +105,7 @@ def as_completion(text: str, prompt: Text):
     return text if isinstance(prompt, str) else [{"role": "assistant", "content": text}]
 
 
-class OnlineMixin:
+class OnlineMixin(OnlineHeadMixin):
     """Sampling, the reference, `kl_ref` and samples.jsonl for TRL's online trainers.
 
     The config's beta is 0 while TRL builds the trainer, so TRL loads no reference of
@@ -171,8 +172,9 @@ class OnlineMixin:
 
     # --- the entropy bonus (--entropy-coef) -------------------------------------------------
     def _get_per_token_logps_and_entropies(self, *args, **kwargs):
-        """TRL's, keeping the last entropies (with gradient in the loss pass) for the bonus
-        of the trainers whose loss is TRL's own (grpo, earl, rloo)."""
+        """TRL's (on CPU, alignkit's head: OnlineHeadMixin), keeping the last entropies
+        (with gradient in the loss pass) for the bonus of the trainers whose loss is
+        TRL's own (grpo, earl, rloo)."""
         out = super()._get_per_token_logps_and_entropies(*args, **kwargs)
         self._ak_last_entropies = out[1]
         self._ak_last_logps = out[0]
