@@ -198,7 +198,7 @@ _alignkit() {
         "relabel --select") COMPREPLY=( $(compgen -f -- "$cur")); return ;;
         "relabel --shard") COMPREPLY=( $(compgen -f -- "$cur")); return ;;
         "relabel --step-separator") COMPREPLY=( $(compgen -f -- "$cur")); return ;;
-        "relabel --strategy") COMPREPLY=($(compgen -W "best-worst all-pairs top-k sppo reward-augmented rank unpaired filter referee-tasks exec-trace rerank step-prompts" -- "$cur")); return ;;
+        "relabel --strategy") COMPREPLY=($(compgen -W "best-worst all-pairs top-k sppo near-miss reward-augmented rank unpaired filter referee-tasks exec-trace rerank step-prompts" -- "$cur")); return ;;
         "relabel --threshold") COMPREPLY=( $(compgen -f -- "$cur")); return ;;
         "relabel --tokenizer") COMPREPLY=($(compgen -W "smollm2-135m-instruct minilm-l6 tiny-llama" -- "$cur") $(compgen -f -- "$cur")); return ;;
         "relabel --transform") COMPREPLY=( $(compgen -f -- "$cur")); return ;;

@@ -283,7 +283,7 @@ complete -c alignkit -n '__fish_seen_subcommand_from relabel' -l seed -r
 complete -c alignkit -n '__fish_seen_subcommand_from relabel' -l select -r
 complete -c alignkit -n '__fish_seen_subcommand_from relabel' -l shard -r
 complete -c alignkit -n '__fish_seen_subcommand_from relabel' -l step-separator -r
-complete -c alignkit -n '__fish_seen_subcommand_from relabel' -l strategy -x -a 'best-worst all-pairs top-k sppo reward-augmented rank unpaired filter referee-tasks exec-trace rerank step-prompts'
+complete -c alignkit -n '__fish_seen_subcommand_from relabel' -l strategy -x -a 'best-worst all-pairs top-k sppo near-miss reward-augmented rank unpaired filter referee-tasks exec-trace rerank step-prompts'
 complete -c alignkit -n '__fish_seen_subcommand_from relabel' -l threshold -r
 complete -c alignkit -n '__fish_seen_subcommand_from relabel' -l tokenizer -r -a 'smollm2-135m-instruct minilm-l6 tiny-llama'
 complete -c alignkit -n '__fish_seen_subcommand_from relabel' -l transform -r

@@ -197,7 +197,7 @@ _alignkit() {
     "relabel --select") _files; return ;;
     "relabel --shard") _files; return ;;
     "relabel --step-separator") _files; return ;;
-    "relabel --strategy") compadd -- best-worst all-pairs top-k sppo reward-augmented rank unpaired filter referee-tasks exec-trace rerank step-prompts; return ;;
+    "relabel --strategy") compadd -- best-worst all-pairs top-k sppo near-miss reward-augmented rank unpaired filter referee-tasks exec-trace rerank step-prompts; return ;;
     "relabel --threshold") _files; return ;;
     "relabel --tokenizer") compadd -- smollm2-135m-instruct minilm-l6 tiny-llama; _files; return ;;
     "relabel --transform") _files; return ;;

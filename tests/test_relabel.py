@@ -46,7 +46,7 @@ def goal(g):
 def test_registry():
     assert set(STRATEGIES.names()) == {"best-worst", "all-pairs", "top-k", "reward-augmented",
                                        "rank", "unpaired", "sppo", "filter", "referee-tasks",
-                                       "exec-trace", "rerank", "step-prompts"}
+                                       "exec-trace", "rerank", "step-prompts", "near-miss"}
     assert STRATEGIES.names()[0] == "best-worst"  # the default comes first
 
 
