@@ -74,6 +74,22 @@ def test_demo_tiny_chain(tmp_path):
     assert f"eval --model {r2}/aligned --baseline" in p4.stdout
     assert "--samples-out" not in p4.stdout  # the base evals are kept
     assert json.loads((out / "metrics.json").read_text())["models"]
+    # ONLINE=grpo: an online stage from round 2's model on the prompts after both rounds',
+    # the rules reward plus the length term; the evaluation compares its model
+    p5 = subprocess.run(["make", "-C", str(ROOT / "examples"), "demo-tiny", f"OUT={out}",
+                         f"ALIGNKIT={ALIGNKIT}", "BETA=0.3", "ROUNDS=2", "ONLINE=grpo",
+                         "ONLINE_STEPS=1", "ONLINE_BATCH=8"], capture_output=True, text=True,
+                        env=env, timeout=600)
+    assert p5.returncode == 0, p5.stdout[-3000:] + p5.stderr[-3000:]
+    online = [json.loads(x)["id"] for x in
+              (out / "online" / "train-prompts.jsonl").read_text().splitlines()]
+    assert len(online) == 2 and not set(online) & (set(first) | set(second))
+    assert f"train-policy --method grpo --model {r2}/aligned {out}/online/train-prompts" in p5.stdout
+    assert "--reward rules --reward length:24:8 --reward-weights 1,0.25" in p5.stdout
+    assert f"eval --model {out}/online/aligned --baseline" in p5.stdout
+    assert "gen-pairs" not in p5.stdout and "--samples-out" not in p5.stdout
+    man = json.loads((out / "online" / "aligned" / "alignkit.json").read_text())
+    assert man["method"] == "grpo"
 
 
 def _refresh(root: Path, cmd: str):
