@@ -370,14 +370,10 @@ def test_policy_cliff_reward_is_a_small_fixed_seeded_perturbation(monkeypatch):
 # --- real model ----------------------------------------------------------------------------------
 
 @pytest.mark.slow
-def test_grpo_chunk_credit_and_entropy_bonus_on_smollm2(cli, tmp_path):
+def test_grpo_chunk_credit_and_entropy_bonus_on_smollm2(cli, tmp_path, smollm2):
     """SmolLM2's byte-level BPE: list answers split at their newlines into several chunks."""
-    import os
 
-    from alignkit.models import pull
-    home = os.environ.get("ALIGNKIT_TEST_REAL_HOME") or Path.home() / ".cache" / "alignkit"
-    folder = Path(home) / "models" / "smollm2-135m-instruct"
-    model = folder if (folder / "config.json").exists() else pull("smollm2-135m-instruct")
+    model = smollm2
     src = write_jsonl(tmp_path / "p.jsonl", [
         {"id": f"l{i}", "prompt": f"List three {w}, one per line."}
         for i, w in enumerate(["fruits", "colors", "animals", "countries"])])

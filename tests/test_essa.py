@@ -268,15 +268,11 @@ def test_malformed_prompt_line_exits_3_with_path_and_line(cli, env, tmp_path):
 
 
 @pytest.mark.slow
-def test_smollm2_essa_runs_and_loads(tmp_path):
+def test_smollm2_essa_runs_and_loads(tmp_path, smollm2):
     """Two generations on SmolLM2-135M-Instruct with a small random LoRA; the folder loads
     in plain peft and its ΔW keeps the adapter's singular vectors."""
-    import os
 
-    from alignkit.models import pull
-    home = os.environ.get("ALIGNKIT_TEST_REAL_HOME") or Path.home() / ".cache" / "alignkit"
-    base = Path(home) / "models" / "smollm2-135m-instruct"
-    base = base if (base / "config.json").exists() else pull("smollm2-135m-instruct")
+    base = smollm2
     adapter = make_adapter(base, tmp_path / "lora", scale=0.05, targets="all-linear")
     (tmp_path / "rew.py").write_text(REWARD)
     prompts = write_jsonl(tmp_path / "p.jsonl",

@@ -262,14 +262,8 @@ def test_cli_errors(cli, tiny_model, tmp_path):
 # --- a real chat model -------------------------------------------------------------------
 
 @pytest.mark.slow
-def test_smollm2_writes_checkable_rubrics(cli, tmp_path):
-    import os
-    from pathlib import Path
-
-    from alignkit.models import pull
-    home = os.environ.get("ALIGNKIT_TEST_REAL_HOME") or Path.home() / ".cache" / "alignkit"
-    folder = Path(home) / "models" / "smollm2-135m-instruct"
-    judge = folder if (folder / "config.json").exists() else pull("smollm2-135m-instruct")
+def test_smollm2_writes_checkable_rubrics(cli, tmp_path, smollm2):
+    judge = smollm2
     src = write_jsonl(tmp_path / "p.jsonl", [
         {"id": "fr", "prompt": "What is the capital of France? Answer in one word.",
          "chosen": "Paris", "rejected": "The capital of France is a big city in Europe."},

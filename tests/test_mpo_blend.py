@@ -310,15 +310,11 @@ def test_blend_usage_errors(env, tiny_model, cli, extra, needle):
 
 
 @pytest.mark.slow
-def test_smollm2_meta_judge_rewrites_the_rubric(env, tiny_model):
+def test_smollm2_meta_judge_rewrites_the_rubric(env, tiny_model, smollm2):
     """SmolLM2 as judge and meta-judge (the same folder: loaded once) over a tiny policy:
     its answer to the refinement prompt parses into a new rubric."""
-    import os
 
-    from alignkit.models import pull
-    home = os.environ.get("ALIGNKIT_TEST_REAL_HOME") or Path.home() / ".cache" / "alignkit"
-    folder = Path(home) / "models" / "smollm2-135m-instruct"
-    judge = folder if (folder / "config.json").exists() else pull("smollm2-135m-instruct")
+    judge = smollm2
     out = env["dir"] / "mpo-smol"
     assert run(["train-policy", "--method", "grpo", "--model", tiny_model, env["prompts"],
                 "--reward", f"judge:{judge}", "--rubric", env["rubric"], "--meta-judge", judge,

@@ -336,15 +336,11 @@ def test_usage_errors_exit_2_naming_the_flag(cli, env, tiny_model, tmp_path, met
 # --- real model ----------------------------------------------------------------------------------
 
 @pytest.mark.slow
-def test_grpo_off_policy_on_smollm2_token_mean_weights_from_the_records(cli, tmp_path):
+def test_grpo_off_policy_on_smollm2_token_mean_weights_from_the_records(cli, tmp_path, smollm2):
     """SmolLM2 (byte-level BPE, a chat template): teacher answers with a logp near the
     policy's own join the groups; the unclipped token-mean weight is positive and finite."""
-    import os
 
-    from alignkit.models import pull
-    home = os.environ.get("ALIGNKIT_TEST_REAL_HOME") or Path.home() / ".cache" / "alignkit"
-    folder = Path(home) / "models" / "smollm2-135m-instruct"
-    model = folder if (folder / "config.json").exists() else pull("smollm2-135m-instruct")
+    model = smollm2
     qs = ["What is 2 + 2?", "Name a primary color.", "What is the capital of France?",
           "Say hi politely."]
     answers = ["4.", "Red.", "Paris.", "Hello, nice to meet you."]

@@ -294,15 +294,10 @@ def test_eval_reports_prm_reranking(trained, cli):
 
 
 @pytest.mark.slow
-def test_prm_on_smollm2_with_lora(cli, tmp_path):
+def test_prm_on_smollm2_with_lora(cli, tmp_path, smollm2):
     """SmolLM2 + LoRA (TOKEN_CLS: the head is trained in full): the merged folder is plain
     transformers, and the trained PRM puts right steps above wrong ones."""
-    import os
 
-    from alignkit.models import pull
-    home = os.environ.get("ALIGNKIT_TEST_REAL_HOME") or Path.home() / ".cache" / "alignkit"
-    folder = Path(home) / "models" / "smollm2-135m-instruct"
-    smollm2 = folder if (folder / "config.json").exists() else pull("smollm2-135m-instruct")
     data = write_jsonl(tmp_path / "t.jsonl", step_records(48, seed=11))
     out = tmp_path / "prm"
     r = cli(["train-rm", "--method", "prm", "-m", smollm2, data, "-o", out, "--lora-r", "8",

@@ -535,7 +535,7 @@ def test_length_chunked_forward_matches_one_call(tiny_model):
 
 
 @pytest.mark.slow
-def test_smollm2_dpo_lora_bf16_demo_path(cli, tmp_path):
+def test_smollm2_dpo_lora_bf16_demo_path(cli, tmp_path, smollm2):
     """The demo's path: SmolLM2, LoRA r=16, bfloat16. Step 1 is exactly ln 2 (the
     reference pass used the training batches), the rerun reads the cache and gives the
     same adapter, and the adapter loads in peft."""
@@ -543,10 +543,6 @@ def test_smollm2_dpo_lora_bf16_demo_path(cli, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from alignkit.models import pull
-    home = os.environ.get("ALIGNKIT_TEST_REAL_HOME") or Path.home() / ".cache" / "alignkit"
-    folder = Path(home) / "models" / "smollm2-135m-instruct"
-    smollm2 = folder if (folder / "config.json").exists() else pull("smollm2-135m-instruct")
     data = write_jsonl(tmp_path / "pairs.jsonl", pair_records(8, prefix="s"))
     args = ["train-policy", "--method", "dpo", "--model", smollm2, data, "--lora-r", "16",
             "--dtype", "bfloat16", "--max-steps", "2", "--batch-size", "4", "--max-length", "128"]
