@@ -244,6 +244,8 @@ def test_no_adapter_is_a_usage_error_saying_to_sft_first(cli, env, tiny_model, t
     (["--lr", 0.3], "--es-lr"),
     (["--sigma0", 0], "--sigma0 must be > 0"),
     (["--num-generations", 4], "--num-generations does not apply"),
+    (["--reward", "length", "--reward-weights", "learn:length"],
+     "--reward-weights learn: works with"),
 ])
 def test_flag_errors_exit_2(cli, env, tmp_path, extra, needle):
     r = cli(["train-policy", "--method", "essa", "--model", env["adapter"], env["prompts"],

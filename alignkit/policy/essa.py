@@ -250,12 +250,14 @@ def train_essa(run: PolicyRun) -> Path:
     from ..models import load_tokenizer
     from ..scorers.options import ScorerOptions
     from ..training import prepare_run
+    from . import reward_blend
     from .online import check_rules, prompt_rows, reward_fn, reward_specs
     started = time.time()
     check_flags(run)
     base, adapter = adapter_source(run)
     specs = reward_specs(run.rewards)
     scoring = run.scoring if run.scoring is not None else ScorerOptions()
+    reward_blend.check(run.method, run.options, run.reward_weights, specs, scoring)
     scorer = scoring.build(specs, run.reward_weights, dtype="auto",
                            allow_pickle=run.allow_pickle, trust_remote_code=run.trust_remote_code)
     check_rules(run.data, scorer)
