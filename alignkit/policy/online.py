@@ -411,13 +411,16 @@ def prompt_rows(data: Data, tok, max_new_tokens: int, max_length: int,
 
 
 @quiet
-def train_online(run: PolicyRun) -> Path:
-    """grpo, gtpo, earl, rloo, p3o, online-ipo, ipo-md (see the module docstring)."""
+def train_online(run: PolicyRun, trainer_kwargs: dict | None = None) -> Path:
+    """grpo, gtpo, earl, rloo, p3o, online-ipo, ipo-md (see the module docstring).
+    `trainer_kwargs`: more keyword arguments for the method's trainer class (a method
+    built on this loop passes what only its trainer takes, e.g. urpo's eval records)."""
     from ..models import load_tokenizer
     from ..scorers.options import ScorerOptions
     opts, data = run.opts, run.data
     started = time.time()
     p = plan(run)
+    p.kwargs.update(trainer_kwargs or {})
     check_engine(run)
     if p.off_policy:  # a malformed file fails before any model loads (exit 3)
         p.off_policy["off_policy"] = load_off_policy(run.options["off_policy"], data.records)

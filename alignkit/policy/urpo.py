@@ -44,8 +44,6 @@ EVAL_PAIRS = Param("eval_pairs", str, None, "urpo: a pairs JSONL whose judging a
 HELD_OUT = Param("held_out", float, 0.1, "urpo: share of the judge-kind records held out "
                  "for the judging accuracy (without --eval-pairs).", low=0.0, high=0.9)
 
-EVAL_SETS: dict[str, list[dict]] = {}   # output folder -> its eval judge records (set per run)
-
 add("urpo", "URPO: one model as player and referee, one GRPO loop over verifiable prompts "
     "(--reward, default rules), judge tasks (relabel --strategy referee-tasks; reward 1/0/-0.5) "
     "and open prompts scored by the live policy's P(yes). Simplified: pairs not rankings, "
@@ -85,11 +83,7 @@ def train_urpo(run: PolicyRun) -> Path:
     console.info(f"urpo: {counts['verifiable']} verifiable, {counts['judge']} judge, "
                  f"{counts['open']} open prompts; {len(evals)} judge tasks for the accuracy eval")
     run = dataclasses.replace(run, data=data, rewards=run.rewards or ["rules"])
-    EVAL_SETS[str(run.out)] = evals
-    try:
-        return train_online(run)
-    finally:
-        EVAL_SETS.pop(str(run.out), None)
+    return train_online(run, trainer_kwargs={"eval_records": evals})
 
 
 def write_accuracy(work: Path, row: dict) -> None:

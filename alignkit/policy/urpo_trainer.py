@@ -57,9 +57,12 @@ def judge_accuracy(model, tok, records: list[dict], max_new_tokens: int) -> floa
 class URPOTrainer(AlignkitGRPOTrainer):
     """GRPO over URPO's three kinds (see the module docstring)."""
 
+    def __init__(self, *args, eval_records: list[dict] | None = None, **kwargs):
+        self._urpo_eval_records = list(eval_records or [])  # judge records of the accuracy eval
+        super().__init__(*args, **kwargs)
+
     def _urpo_eval(self) -> list[dict]:
-        from .urpo import EVAL_SETS
-        return EVAL_SETS.get(str(self._ak.gen.get("model")), [])
+        return self._urpo_eval_records
 
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
         # the scorers give None on judge/open rows (replaced below): no TRL warning for that
