@@ -370,7 +370,7 @@ def test_usage_errors_exit_2(cli, tiny_model, data, tmp_path, args, msg):
 
 @pytest.mark.slow
 def test_context_on_smollm2(cli, data, tmp_path):
-    """Real model: SmolLM2 internalises a policy with a LoRA student (bf16, 3 steps)."""
+    """Real model: SmolLM2 internalises a policy with a LoRA student (bf16, 4 steps at lr 1e-3: enough to move a fresh adapter measurably)."""
     import os
     real, old = os.environ.get("ALIGNKIT_TEST_REAL_HOME"), os.environ.get("ALIGNKIT_HOME")
     if real:
@@ -379,13 +379,13 @@ def test_context_on_smollm2(cli, data, tmp_path):
         (tmp_path / "fr.txt").write_text("Always answer in French. Be brief.")
         res = cli(["distill", "--method", "context", "--teacher", "smollm2-135m-instruct",
                    "--policy", tmp_path / "fr.txt", data["prompts"], "-o", tmp_path / "s",
-                   "--max-steps", "3", "--lr", "1e-4", "--lora-r", "8", "--dtype", "bfloat16",
+                   "--max-steps", "4", "--lr", "1e-3", "--lora-r", "8", "--dtype", "bfloat16",
                    "--batch-size", "2", "--max-new-tokens", "16", "--eval-split", "0.25"])
     finally:
         if old is not None:
             os.environ["ALIGNKIT_HOME"] = old
     assert res.code == 0, res
     held = json.loads((tmp_path / "s" / "alignkit.json").read_text())["metrics"]["heldout"]
-    assert held["after"] < held["before"]
+    assert held["after"] < held["before"], held
     from peft import AutoPeftModelForCausalLM
     assert AutoPeftModelForCausalLM.from_pretrained(tmp_path / "s") is not None
