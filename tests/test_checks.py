@@ -501,8 +501,12 @@ def _load_generator():
 def test_demo_prompt_files_are_reproducible(tmp_path):
     gen = _load_generator()
     assert gen.main(["--out", str(tmp_path)]) == 0
-    for name in ("train.jsonl", "eval.jsonl", "eval-types.jsonl", "eval-three.jsonl"):
+    for name in ("train.jsonl", "eval.jsonl", "eval-types.jsonl", "eval-three.jsonl",
+                 "train-varied.jsonl"):
         assert (tmp_path / name).read_bytes() == (DATA / name).read_bytes(), name
+    other = tmp_path / "seed1"
+    assert gen.main(["--out", str(other), "--seed", "1"]) == 0
+    assert (other / "train-varied.jsonl").read_bytes() != (DATA / "train-varied.jsonl").read_bytes()
 
 
 def test_held_out_families_never_reach_a_training_prompt():
@@ -525,6 +529,38 @@ def test_held_out_families_never_reach_a_training_prompt():
     for r in types + three:
         assert not any(describe_check(c) in r["prompt"] for c in r["meta"]["checks"]), r["id"]
         assert r["prompt"] not in {t["prompt"] for t in train}
+
+
+def test_varied_training_prompts_reword_the_same_records():
+    gen = _load_generator()
+    from alignkit.checks import describe_check
+    train, varied = _load(DATA / "train.jsonl"), _load(DATA / "train-varied.jsonl")
+    assert [r["id"] for r in varied] == [r["id"] for r in train]
+    assert [r["meta"]["checks"] for r in varied] == [r["meta"]["checks"] for r in train]
+    assert all(r["meta"]["phrasing"] == "varied" for r in varied)
+    for r in varied:
+        assert not {c["type"] for c in r["meta"]["checks"]} & gen.HELD_OUT_TYPES, r["id"]
+        # never the transfer sets' wording, so that the held-out phrasings stay held out
+        for c in r["meta"]["checks"]:
+            assert not any(p(c) in r["prompt"] for p in gen.PARAPHRASES[c["type"]]), r["id"]
+    texts = {r["prompt"] for name in ("train", "eval", "eval-types", "eval-three")
+             for r in _load(DATA / f"{name}.jsonl")}
+    assert not texts & {r["prompt"] for r in varied}
+    assert len({r["prompt"] for r in varied}) == len(varied)
+    # reworded for real: most prompts use at least one non-canonical instruction, and
+    # every layout and every wording occurs
+    canonical = sum(all(describe_check(c) in r["prompt"] for c in r["meta"]["checks"])
+                    for r in varied)
+    assert canonical < 0.5 * len(varied)
+    assert sum(r["prompt"].startswith("Task: ") for r in varied) > 0.1 * len(varied)
+    for t, forms in gen.TRAIN_PHRASINGS.items():
+        for form in forms:
+            assert any(form(c) in r["prompt"] for r in varied for c in r["meta"]["checks"]
+                       if c["type"] == t), (t, form)
+    # the task is recovered from the canonical prompt, and a prompt that is not one fails
+    assert gen.canonical_task(train[0]) in train[0]["prompt"]
+    with pytest.raises(ValueError, match="train-00001"):
+        gen.canonical_task({**train[0], "prompt": "something else"})
 
 
 def test_demo_prompts_have_no_conflicting_checks():

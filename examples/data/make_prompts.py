@@ -25,6 +25,12 @@ question or with a context sentence, instructions in the middle of the request):
 - `eval-types.jsonl`: every constraint of a held-out type;
 - `eval-three.jsonl`: three constraints of any type, trained and held out.
 
+`train-varied.jsonl` holds the training records again, same ids and checks, with every
+prompt reworded (`TRAIN_PHRASINGS`, a third wording unlike both of the above, and four
+layouts: canonical, instructions first, a requirements list, a lead phrase), from
+random.Random(seed + 400009): the demo's `TRAIN=data/train-varied.jsonl` lever, which
+teaches each constraint in several wordings at the cost of the canonical set.
+
     python examples/data/make_prompts.py [--seed 0] [--n-train 700] [--n-eval 250]
                                          [--n-types 120] [--n-three 120] [--out DIR]
 """
@@ -499,6 +505,88 @@ def compose(rng: random.Random, task: str, instructions: list[str]) -> str:
     return " ".join([head] + parts)
 
 
+# --- varied training phrasings: data/train-varied.jsonl -----------------------------------
+# The same training records (tasks, checks, meta) with the instructions worded in a third
+# way, unlike both `describe_check` and the transfer sets' `PARAPHRASES`, and the request
+# laid out in other ways (instructions first, a requirements list, a "Task:" header), so
+# that a model trained on them meets each constraint in several wordings rather than one
+# template. Trained types only: the held-out families never appear.
+TRAIN_PHRASINGS = {
+    "include_keywords": [lambda c: f"Work in the word{'s' if len(c['keywords']) > 1 else ''} "
+                                   f"{_quoted(c['keywords'], 'and')}.",
+                         lambda c: f"Be sure to use {_quoted(c['keywords'], 'and')} at least once."],
+    "max_words": [lambda c: f"Stay under {c['n'] + 1} words.",
+                  lambda c: f"{c['n']} words is the limit.",
+                  lambda c: f"The answer may not be longer than {c['n']} words."],
+    "min_words": [lambda c: f"Write {c['n']} words at the very least.",
+                  lambda c: f"Anything shorter than {c['n']} words is too short."],
+    "min_sentences": [lambda c: f"Give me {c['n']} sentences or more.",
+                      lambda c: f"Fewer than {c['n']} sentences will not do."],
+    "max_sentences": [lambda c: f"{_plural(c['n'], 'sentence')} is the most you may write.",
+                      lambda c: f"Limit yourself to {_plural(c['n'], 'sentence')}."],
+    "min_paragraphs": [lambda c: f"Spread it over {c['n']} or more paragraphs, each separated "
+                                 "from the next by an empty line."],
+    "max_paragraphs": [lambda c: f"Stick to {_plural(c['n'], 'paragraph')} or fewer (a blank "
+                                 "line separates paragraphs)."],
+    "exclude_keywords": [lambda c: f"The word{'s' if len(c['keywords']) > 1 else ''} "
+                                   f"{_quoted(c['keywords'], 'and')} must not appear.",
+                         lambda c: f"Leave out {_quoted(c['keywords'], 'and')} completely."],
+    "keyword_frequency": [lambda c: (f'Repeat the word "{c["keyword"]}" {c["n"]} times or more.'
+                                     if c["relation"] == "at least" else
+                                     f'"{c["keyword"]}" has to appear {_plural(c["n"], "time")}, '
+                                     "exactly.")],
+    "no_commas": [lambda c: "Commas are not allowed.",
+                  lambda c: "Write without a single comma."],
+    "bullet_count": [lambda c: f'Give exactly {c["n"]} points as a markdown list, every line '
+                               'beginning with "* ".'],
+    "numbered_sections": [lambda c: f'Break it into {c["n"]} or more sections labelled '
+                                    f'"{c["splitter"]} 1", "{c["splitter"]} 2", and so on.'],
+    "placeholders": [lambda c: f"Add {c['n']} or more fill-in blanks in square brackets, for "
+                               "example [date]."],
+    "title": [lambda c: "Start with a title between double angle brackets, e.g. <<Title Here>>."],
+    "postscript": [lambda c: f'After the main text, add a note beginning with "{c["marker"]}".'],
+    "highlighted_sections": [lambda c: f"Mark {_plural(c['n'], 'key phrase')} or more in "
+                                       "*single asterisks*."],
+}
+REQUEST_LEADS = ["Here is what I need", "My request", "The job"]
+
+
+def rephrase_for_training(rng: random.Random, task: str, checks: list[dict]) -> str:
+    """A training request in one of four layouts, each instruction in the canonical or a
+    `TRAIN_PHRASINGS` wording."""
+    said = [rng.choice([describe_check] + TRAIN_PHRASINGS[c["type"]])(c) for c in checks]
+    style = rng.randrange(4)
+    if style == 0:
+        return f"{task}. " + " ".join(said)
+    if style == 1:
+        return " ".join(said) + f" With that in mind: {task[0].lower() + task[1:]}."
+    if style == 2:
+        return f"Task: {task}.\nRequirements:\n" + "\n".join(f"- {s}" for s in said)
+    return f"{rng.choice(REQUEST_LEADS)}: {task[0].lower() + task[1:]}. " + " ".join(said)
+
+
+def canonical_task(record: dict) -> str:
+    """The task sentence of a canonical training prompt (``task + ". " + instructions``)."""
+    tail = ". " + " ".join(describe_check(c) for c in record["meta"]["checks"])
+    if not record["prompt"].endswith(tail):
+        raise ValueError(f"{record['id']}: not a canonical training prompt")
+    return record["prompt"][: -len(tail)]
+
+
+def varied_training(rng: random.Random, train: list[dict], seen: set[str]) -> list[dict]:
+    """`train` with every prompt reworded (same ids, checks and meta)."""
+    out = []
+    for r in train:
+        task = canonical_task(r)
+        while True:
+            prompt = rephrase_for_training(rng, task, r["meta"]["checks"])
+            if prompt not in seen:
+                break
+        seen.add(prompt)
+        out.append({**r, "prompt": prompt, "meta": {**r["meta"], "phrasing": "varied"}})
+    return out
+
+
 def make_split(rng: random.Random, prefix: str, n: int, seen: set[str], **how) -> list[dict]:
     records = []
     while len(records) < n:
@@ -535,12 +623,14 @@ def main(argv: list[str] | None = None) -> int:
                        types_from=HELD_OUT_TYPES, paraphrase=True)
     three = make_split(random.Random(args.seed + 300007), "three", args.n_three, seen,
                        types_from=None, k=3, paraphrase=True)
+    varied = varied_training(random.Random(args.seed + 400009), train, seen)
     args.out.mkdir(parents=True, exist_ok=True)
     for name, recs in (("train", train), ("eval", evals), ("eval-types", types),
-                       ("eval-three", three)):
+                       ("eval-three", three), ("train-varied", varied)):
         write_jsonl(args.out / f"{name}.jsonl", recs)
-    print(f"wrote {len(train)} train, {len(evals)} eval, {len(types)} held-out-type and "
-          f"{len(three)} three-constraint prompts to {args.out}", file=sys.stderr)
+    print(f"wrote {len(train)} train (and as many reworded), {len(evals)} eval, "
+          f"{len(types)} held-out-type and {len(three)} three-constraint prompts to "
+          f"{args.out}", file=sys.stderr)
     return 0
 
 
