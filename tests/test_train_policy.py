@@ -473,6 +473,7 @@ def test_sigterm_checkpoints_then_resume_finishes(cli, tiny_model, tmp_path, mon
     assert not (tmp_path / "m.partial").exists()
 
 
+@pytest.mark.distributed
 def test_accelerate_launch_two_cpu_processes(tiny_model, tmp_path):
     data = write_jsonl(tmp_path / "pairs.jsonl", pair_records(16, prefix="a"))
     out = tmp_path / "ddp"
