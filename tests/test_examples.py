@@ -59,6 +59,7 @@ def test_demo_tiny_chain(tmp_path):
                          f"ALIGNKIT={ALIGNKIT}", "BETA=0.3", "ROUNDS=2"], capture_output=True,
                         text=True, env=env, timeout=600)
     assert p4.returncode == 0, p4.stdout[-3000:] + p4.stderr[-3000:]
+    assert f"-o {out}/samples.jsonl" in p.stdout and f"-o {out}/pairs.jsonl" in p.stdout
     assert f"-o {out}/samples.jsonl" not in p4.stdout
     assert f"-o {out}/scored.jsonl" not in p4.stdout and f"-o {out}/pairs.jsonl" not in p4.stdout
     assert f"{out}/pairs.jsonl -o {out}/aligned" in p4.stdout  # BETA: round 1 retrains

@@ -412,6 +412,10 @@ def _plural(n: int, word: str) -> str:
     return f"{n} {word}" if n == 1 else f"{n} {word}s"
 
 
+def _lower_first(text: str) -> str:
+    return text[0].lower() + text[1:]
+
+
 def _quoted(words: list[str], joiner: str) -> str:
     q = [f'"{w}"' for w in words]
     return q[0] if len(q) == 1 else ", ".join(q[:-1]) + f" {joiner} " + q[-1]
@@ -492,7 +496,7 @@ def compose(rng: random.Random, task: str, instructions: list[str]) -> str:
     the instructions split around an aside."""
     style = rng.randrange(3)
     if style == 0:
-        head = f"Could you {task[0].lower() + task[1:]}?"
+        head = f"Could you {_lower_first(task)}?"
     elif style == 1:
         head = f"{rng.choice(CONTEXTS)} {task}."
     else:
@@ -511,9 +515,13 @@ def compose(rng: random.Random, task: str, instructions: list[str]) -> str:
 # laid out in other ways (instructions first, a requirements list, a "Task:" header), so
 # that a model trained on them meets each constraint in several wordings rather than one
 # template. Trained types only: the held-out families never appear.
+def _the_words(words: list[str]) -> str:
+    """'word "a"' or 'words "a" and "b"'."""
+    return f"word{'s' if len(words) > 1 else ''} {_quoted(words, 'and')}"
+
+
 TRAIN_PHRASINGS = {
-    "include_keywords": [lambda c: f"Work in the word{'s' if len(c['keywords']) > 1 else ''} "
-                                   f"{_quoted(c['keywords'], 'and')}.",
+    "include_keywords": [lambda c: f"Work in the {_the_words(c['keywords'])}.",
                          lambda c: f"Be sure to use {_quoted(c['keywords'], 'and')} at least once."],
     "max_words": [lambda c: f"Stay under {c['n'] + 1} words.",
                   lambda c: f"{c['n']} words is the limit.",
@@ -528,8 +536,7 @@ TRAIN_PHRASINGS = {
                                  "from the next by an empty line."],
     "max_paragraphs": [lambda c: f"Stick to {_plural(c['n'], 'paragraph')} or fewer (a blank "
                                  "line separates paragraphs)."],
-    "exclude_keywords": [lambda c: f"The word{'s' if len(c['keywords']) > 1 else ''} "
-                                   f"{_quoted(c['keywords'], 'and')} must not appear.",
+    "exclude_keywords": [lambda c: f"The {_the_words(c['keywords'])} must not appear.",
                          lambda c: f"Leave out {_quoted(c['keywords'], 'and')} completely."],
     "keyword_frequency": [lambda c: (f'Repeat the word "{c["keyword"]}" {c["n"]} times or more.'
                                      if c["relation"] == "at least" else
@@ -559,10 +566,10 @@ def rephrase_for_training(rng: random.Random, task: str, checks: list[dict]) -> 
     if style == 0:
         return f"{task}. " + " ".join(said)
     if style == 1:
-        return " ".join(said) + f" With that in mind: {task[0].lower() + task[1:]}."
+        return " ".join(said) + f" With that in mind: {_lower_first(task)}."
     if style == 2:
         return f"Task: {task}.\nRequirements:\n" + "\n".join(f"- {s}" for s in said)
-    return f"{rng.choice(REQUEST_LEADS)}: {task[0].lower() + task[1:]}. " + " ".join(said)
+    return f"{rng.choice(REQUEST_LEADS)}: {_lower_first(task)}. " + " ".join(said)
 
 
 def canonical_task(record: dict) -> str:
