@@ -218,9 +218,7 @@ def kl_and_topk(model_spec: str, base_spec: str, prompts: list[dict], opts: Eval
     with lower variance than k1 or k3. A sequence cut at max_new_tokens counts the
     tokens it has (the KL of the truncated sequence distribution). All in nats.
     """
-    import torch
-
-    from .generation import SampleParams, sample
+    from .generation import SampleParams, pad_id, sample
     from .models import load_causal_lm
     from .text import encode_prompt, render_prompt
     model, tok = load_causal_lm(model_spec, opts.dtype, merged=True)
@@ -235,32 +233,9 @@ def kl_and_topk(model_spec: str, base_spec: str, prompts: list[dict], opts: Eval
     for p, group in zip(prompts, groups):
         p_ids = encode_prompt(tok, render_prompt(tok, p["prompt"], system=opts.system))
         items += [(p_ids, list(c["token_ids"])) for c in group if c["token_ids"]]
-    lp_m, lp_b, exact, ent, mass, ntok = [], [], [], 0.0, 0.0, 0
-    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    with torch.inference_mode(), console.progress("KL and entropy", total=len(items)) as prog:
-        for i in range(0, len(items), KL_FORWARD_ROWS):
-            batch = items[i:i + KL_FORWARD_ROWS]
-            seqs = [p_ids + c_ids for p_ids, c_ids in batch]
-            width = max(len(q) for q in seqs)
-            ids = torch.tensor([q + [pad] * (width - len(q)) for q in seqs])
-            att = torch.tensor([[1] * len(q) + [0] * (width - len(q)) for q in seqs])
-            logq_m = torch.log_softmax(model(input_ids=ids, attention_mask=att).logits.float()[:, :-1], -1)
-            logq_b = torch.log_softmax(base(input_ids=ids, attention_mask=att).logits.float()[:, :-1], -1)
-            m = torch.zeros(ids[:, 1:].shape, dtype=torch.bool)
-            for j, (p_ids, c_ids) in enumerate(batch):  # logits at t-1 predict token t
-                m[j, len(p_ids) - 1:len(p_ids) - 1 + len(c_ids)] = True
-            tgt = ids[:, 1:, None]
-            tok_m, tok_b = logq_m.gather(-1, tgt)[..., 0], logq_b.gather(-1, tgt)[..., 0]
-            per_pos = (logq_m.exp() * (logq_m - logq_b)).sum(-1)
-            for j in range(len(batch)):
-                lp_m.append(tok_m[j][m[j]].tolist())
-                lp_b.append(tok_b[j][m[j]].tolist())
-                exact.append(float(per_pos[j][m[j]].sum()))
-            if opts.topk and m.any():
-                h, mm = stats.topk_entropy_mass(logq_m, mask=m, k=10)
-                n = int(m.sum())
-                ent += h * n; mass += mm * n; ntok += n
-            prog.advance(len(batch))
+    with console.progress("KL and entropy", total=len(items)) as prog:
+        lp_m, lp_b, exact, topk = sequence_kl(model, base, items, pad_id(tok), topk=opts.topk,
+                                              advance=prog.advance)
     del model, base
     kl = stats.kl_estimates(lp_m, lp_b)
     mean, se = stats.mean_se(exact)
@@ -268,10 +243,70 @@ def kl_and_topk(model_spec: str, base_spec: str, prompts: list[dict], opts: Eval
               what="KL(model || baseline) per sequence in nats, on samples drawn from the "
                    "model at temperature 1 (no top-p/top-k); exact = summed per-token KL")
     out = {"kl": kl}
-    if ntok:
-        out["topk_entropy_bits"] = ent / ntok
-        out["topk_mass"] = mass / ntok
+    if topk is not None:
+        out["topk_entropy_bits"], out["topk_mass"] = topk
     return out
+
+
+def sequence_kl(model, base, items: list[tuple[list[int], list[int]]], pad: int, *,
+                topk: bool = True, advance=None):
+    """Teacher-forced comparison of two models on (prompt ids, completion ids) items.
+
+    Returns (per-token logp under `model`, per-token logp under `base`, the exact KL
+    Σ_t Σ_v π(v|·) log(π(v|·)/π_ref(v|·)) summed over each completion, and
+    (top-k entropy bits, top-k mass) of `model` over all completion tokens, or None).
+
+    Items are batched by length (`KL_FORWARD_ROWS` per forward, left padded) and only the
+    completion positions' logits are computed and taken to fp32: the prompt positions and
+    the padding never reach the full-vocabulary log-softmax. Lists come back in the
+    items' order; an item with an empty completion gets empty lists and an exact KL of 0.
+    """
+    import torch
+
+    from .generation import forward_keep, left_pad, model_device
+    n = len(items)
+    lp_m: list = [[] for _ in range(n)]
+    lp_b: list = [[] for _ in range(n)]
+    exact = [0.0] * n
+    chosen = []  # the model's completion-position log-probs, for the top-k indicators
+    order = sorted((i for i in range(n) if items[i][1]), key=lambda i: len(items[i][0]) + len(items[i][1]))
+    device = model_device(model)
+    with torch.inference_mode():
+        for start in range(0, len(order), KL_FORWARD_ROWS):
+            idx = order[start:start + KL_FORWARD_ROWS]
+            keep = max(len(items[i][1]) for i in idx)
+            ids, mask, pos = left_pad([items[i][0] + items[i][1] for i in idx], pad, device)
+            kw = dict(input_ids=ids, attention_mask=mask, position_ids=pos)
+            # logits at position t-1 predict token t: the last `keep` predictions before the end
+            out_m = forward_keep(model, keep + 1, **kw)[1][:, :-1]
+            out_b = forward_keep(base, keep + 1, **kw)[1][:, :-1]
+            sel = torch.zeros(out_m.shape[:2], dtype=torch.bool, device=out_m.device)
+            for b, i in enumerate(idx):
+                sel[b, keep - len(items[i][1]):] = True
+            logq_m = torch.log_softmax(out_m[sel].float(), -1)   # [tokens, V], rows in order
+            logq_b = torch.log_softmax(out_b[sel].float(), -1)
+            tgt = torch.cat([torch.tensor(items[i][1], device=logq_m.device) for i in idx])[:, None]
+            tok_m = logq_m.gather(-1, tgt)[:, 0].double().cpu()
+            tok_b = logq_b.gather(-1, tgt)[:, 0].double().cpu()
+            per_pos = (logq_m.exp() * (logq_m - logq_b)).sum(-1).double().cpu()
+            at = 0
+            for i in idx:
+                c = len(items[i][1])
+                lp_m[i], lp_b[i] = tok_m[at:at + c].tolist(), tok_b[at:at + c].tolist()
+                exact[i] = float(per_pos[at:at + c].sum())
+                at += c
+            if topk:
+                h, mm = stats.topk_entropy_mass(logq_m, k=10)
+                chosen.append((h, mm, logq_m.shape[0]))
+            if advance is not None:
+                advance(len(idx))
+        if advance is not None and len(order) < n:
+            advance(n - len(order))
+    if not chosen:
+        return lp_m, lp_b, exact, None
+    total = sum(c[2] for c in chosen)
+    return (lp_m, lp_b, exact, (sum(h * c for h, _, c in chosen) / total,
+                                sum(m * c for _, m, c in chosen) / total))
 
 
 def rm_pairs_accuracy(pairs: list[dict], opts: EvalOptions) -> dict:

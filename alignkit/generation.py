@@ -247,14 +247,38 @@ def _guided(logits, guides, mask, pos):
 
 def forward_keep(model, keep: int, **kw):
     """A forward pass computing logits for the last `keep` positions only (older model
-    code without `logits_to_keep` computes them all)."""
+    code without `logits_to_keep` computes them all).
+
+    The model's head then gets `hidden[:, -keep:]`, a strided view. For a frozen head
+    (requires_grad False: a merged adapter, a reference or judge model) torch's CPU
+    matmul does not fold a strided 3-D input into one matrix product; it takes a batched
+    product that first copies the whole vocabulary weight once per row: 1.6 s instead of
+    8 ms for SmolLM2's head on a 32-prompt prefill, so a merged model sampled at 175
+    tokens/s instead of 302. A pre-hook on the head makes its input contiguous."""
+    head = _output_head(model)
+    hook = head.register_forward_pre_hook(_contiguous_input) if head is not None else None
     try:
-        out = model(**kw, logits_to_keep=keep)
-    except TypeError as e:
-        if "logits_to_keep" not in str(e):
-            raise
-        out = model(**kw)
+        try:
+            out = model(**kw, logits_to_keep=keep)
+        except TypeError as e:
+            if "logits_to_keep" not in str(e):
+                raise
+            out = model(**kw)
+    finally:
+        if hook is not None:
+            hook.remove()
     return out, out.logits[:, -keep:]
+
+
+def _output_head(model):
+    try:
+        return model.get_output_embeddings()
+    except (AttributeError, NotImplementedError):
+        return None
+
+
+def _contiguous_input(module, args):
+    return (args[0].contiguous(), *args[1:]) if args else None
 
 
 def _prefill(model, ids, mask, pos, rep):

@@ -101,6 +101,42 @@ def test_eval_kl_between_two_models_matches_the_exact_value(cli, tmp_path, tiny_
     assert "temperature 1" in kl["what"]
 
 
+def test_sequence_kl_matches_each_sequence_scored_alone(tiny_model, tiny_model_b):
+    """The batched, left-padded KL pass (completion positions only) gives, per item and in
+    the items' order, the per-token log-probs under both models and the summed exact KL
+    of one unpadded forward per sequence; an empty completion gets empty lists and 0;
+    the top-k indicators equal stats.topk_entropy_mass over all completion positions."""
+    import torch
+
+    from alignkit import stats
+    from alignkit.evaluation import sequence_kl
+    from alignkit.models import load_causal_lm
+    m, _ = load_causal_lm(str(tiny_model), "float32")
+    b, _ = load_causal_lm(str(tiny_model_b), "float32")
+    g = torch.Generator().manual_seed(0)
+    items = [(torch.randint(3, 200, (p,), generator=g).tolist(),
+              torch.randint(3, 200, (c,), generator=g).tolist())
+             for p, c in [(7, 5), (3, 11), (12, 1), (5, 0), (9, 8), (4, 3)]]
+    lp_m, lp_b, exact, topk = sequence_kl(m, b, items, pad=0)
+    logqs = []
+    with torch.inference_mode():
+        for i, (p, c) in enumerate(items):
+            if not c:
+                assert lp_m[i] == [] and lp_b[i] == [] and exact[i] == 0.0
+                continue
+            ids = torch.tensor([p + c])
+            lq = torch.log_softmax(m(input_ids=ids).logits[0].double(), -1)[len(p) - 1:-1]
+            lr = torch.log_softmax(b(input_ids=ids).logits[0].double(), -1)[len(p) - 1:-1]
+            tgt = torch.tensor(c)[:, None]
+            assert lp_m[i] == pytest.approx(lq.gather(1, tgt)[:, 0].tolist(), abs=1e-4)
+            assert lp_b[i] == pytest.approx(lr.gather(1, tgt)[:, 0].tolist(), abs=1e-4)
+            assert exact[i] == pytest.approx(float((lq.exp() * (lq - lr)).sum()), abs=1e-4)
+            logqs.append(lq)
+    h, mass = stats.topk_entropy_mass(torch.cat(logqs), k=10)
+    assert topk == pytest.approx((h, mass), abs=1e-4)
+    assert sequence_kl(m, b, items, pad=0, topk=False)[3] is None
+
+
 def test_eval_bad_input(cli, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"id": "a", "prompt": "x", "completions": []}\n')

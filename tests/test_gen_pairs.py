@@ -158,6 +158,29 @@ def test_sample_logp_matches_teacher_forcing(lm):
     assert [len(x) for x in per] == [s["n_tokens"] for g in groups for s in g]
 
 
+def test_forward_keep_gives_the_last_logits_and_a_contiguous_head_input(tiny_model):
+    """A frozen model (as every merged or reference model is) keeps the last `keep`
+    positions' logits of the full forward, and its head sees a contiguous input (a
+    strided one makes torch copy the head weight once per row)."""
+    from alignkit.generation import forward_keep, left_pad
+    from alignkit.models import load_causal_lm
+    model, _ = load_causal_lm(tiny_model, "float32")
+    model.requires_grad_(False)
+    ids, mask, pos = left_pad([[5, 6, 7, 8, 9, 10], [11, 12, 13]], 0, "cpu")
+    seen = []
+    probe = model.get_output_embeddings().register_forward_hook(
+        lambda mod, args, out: seen.append(args[0].is_contiguous()))
+    with torch.inference_mode():
+        full = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits
+        for keep in (1, 3):
+            _, last = forward_keep(model, keep, input_ids=ids, attention_mask=mask, position_ids=pos)
+            assert last.shape == (2, keep, full.shape[-1])
+            assert torch.allclose(last, full[:, -keep:], atol=1e-5)
+    probe.remove()
+    assert seen == [True, True, True]
+    assert not model.get_output_embeddings()._forward_pre_hooks  # the hook is removed
+
+
 def test_eos_stops_and_is_not_in_text(lm, tiny_model):
     from alignkit.models import load_causal_lm
     model, tok = load_causal_lm(tiny_model, "float32")

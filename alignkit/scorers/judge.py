@@ -22,7 +22,6 @@ results are kept on the completion as `"judge": [{"text", "kind", "p_yes"}, ...]
 """
 from __future__ import annotations
 
-import inspect
 import json
 from pathlib import Path
 from typing import Any, Sequence
@@ -140,7 +139,7 @@ def p_yes(model, tokenizer, texts: Sequence[str], yes: list[int], no: list[int],
     position ids, so padding does not change the result; left truncation keeps the
     question)."""
     import torch
-    keep = "logits_to_keep" in inspect.signature(model.forward).parameters
+    from ..generation import forward_keep
     device = next(model.parameters()).device
     order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
     out = [0.0] * len(texts)
@@ -150,9 +149,8 @@ def p_yes(model, tokenizer, texts: Sequence[str], yes: list[int], no: list[int],
                          padding_side="left", truncation_side="left").to(device)
             mask = enc["attention_mask"]
             pos = (mask.cumsum(-1) - 1).clamp(min=0)
-            kw = {"logits_to_keep": 1} if keep else {}
-            logits = model(input_ids=enc["input_ids"], attention_mask=mask, position_ids=pos,
-                           **kw).logits[:, -1].float()
+            logits = forward_keep(model, 1, input_ids=enc["input_ids"], attention_mask=mask,
+                                  position_ids=pos)[1][:, -1].float()
             ly = torch.logsumexp(logits[:, yes], -1)
             ln = torch.logsumexp(logits[:, no], -1)
             for i, v in zip(idx, torch.sigmoid(ly - ln).tolist()):
