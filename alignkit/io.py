@@ -291,6 +291,24 @@ def sweep_stale_temps(target: str | os.PathLike) -> int:
     return n
 
 
+def discard_folder(folder: str | os.PathLike, target: str | os.PathLike) -> None:
+    """Remove `folder`, a finished run's work folder (`OUT.partial/`) now that `target`
+    (OUT) is published, so that no kill leaves it half-deleted under its own name: it is
+    first renamed, in one step, to a temp name beside `target`
+    (`.NAME.PID.done.tmp`), which `sweep_stale_temps` removes if a kill interrupts the
+    deletion."""
+    folder, target = Path(folder), Path(target)
+    if not folder.exists():
+        return
+    parent = target.parent if str(target.parent) else Path(".")
+    trash = parent / f"{_temp_prefix(target)}done.tmp"
+    try:
+        os.rename(folder, trash)
+    except OSError:
+        trash = folder
+    shutil.rmtree(trash, ignore_errors=True)
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

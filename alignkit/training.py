@@ -4,7 +4,9 @@ Layout of a run writing `OUT`:
 - `OUT.partial/` is the work folder while training runs: checkpoints
   (`checkpoint-N/`) and `metrics.jsonl`. `--resume` continues from its last checkpoint.
 - On success the final model is written atomically to `OUT` (a temp folder renamed at the
-  end) with `metrics.jsonl` and `alignkit.json`, and `OUT.partial/` is removed. A failed
+  end) with `metrics.jsonl` and `alignkit.json`, and `OUT.partial/` is removed (renamed
+  to a hidden temp first, which the next write to OUT sweeps if a kill cuts the
+  deletion short, so a killed run leaves OUT or OUT.partial, never both). A failed
   run leaves no `OUT`; an interrupted one (Ctrl-C, SIGTERM) saves a checkpoint into
   `OUT.partial/` and exits 130.
 
@@ -35,7 +37,7 @@ from typing import Any, Optional
 
 from . import console
 from .errors import AlignkitError, UsageError
-from .io import atomic_dir, manifest
+from .io import atomic_dir, discard_folder, manifest, sweep_stale_temps
 from .model_card import model_card
 from .registry import opt
 
@@ -137,6 +139,7 @@ def prepare_run(out: str | Path, opts: TrainOptions) -> Path:
                              "or --force to start over")
     if opts.resume and not work.exists():
         raise UsageError(f"--resume: no unfinished run in {work}")
+    sweep_stale_temps(out)  # e.g. a finished run's work folder whose deletion a kill cut short
     work.mkdir(parents=True, exist_ok=True)
     return work
 
@@ -467,7 +470,7 @@ def save_output(model, tokenizer, out: str | Path, work: Path, *, force: bool,
             tokenizer.save_pretrained(tmp)
         data = manifest(inputs=inputs, seed=seed, started=started, **info)
         finish_folder(tmp, work, data, final=out)
-    shutil.rmtree(work, ignore_errors=True)
+    discard_folder(work, out)
     return out
 
 

@@ -1,5 +1,6 @@
 """SIGKILL at random moments of training, then --resume: no OUT is left by a killed run
-(only OUT.partial/), and the resumed run ends with the weights of an uninterrupted run
+(only OUT.partial/), never both (a kill after OUT is published leaves at most a swept
+temp), and the resumed run ends with the weights of an uninterrupted run
 of the same seed (fp32 tiny model: max abs difference <= 1e-6), for train-policy
 (offline and online), train-rm and distill."""
 from __future__ import annotations
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from alignkit.io import sweep_stale_temps
 from conftest import write_jsonl
 
 EXE = str(Path(sys.executable).parent / "alignkit")
@@ -56,6 +58,9 @@ def _kill_loop(tmp_path: Path, args: list[str], steps: int, trials: int = 2, see
         p.wait()
         if out.exists():  # it had finished: a complete folder
             assert (out / "alignkit.json").exists()
+            # a kill inside the work folder's final deletion leaves it only under a temp
+            # name, which the next write to OUT sweeps
+            sweep_stale_temps(out)
         else:
             assert partial.exists()
             resumed += 1

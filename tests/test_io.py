@@ -232,3 +232,28 @@ def test_a_file_is_never_replaced_by_a_folder(tmp_path):
         with atomic_dir(f, force=True):
             pass
     assert f.read_text() == "keep\n"
+
+
+def test_a_finished_work_folder_is_discarded_under_a_swept_temp_name(tmp_path, monkeypatch):
+    """discard_folder renames OUT.partial/ away in one step before deleting it: a deletion
+    cut short (here: a kill simulated by a no-op rmtree, under a dead PID) leaves no
+    OUT.partial/, only a `.OUT.PID.done.tmp` that the next write to OUT sweeps."""
+    import alignkit.io as akio
+    from alignkit.io import discard_folder, sweep_stale_temps
+    out, work = tmp_path / "model", tmp_path / "model.partial"
+    out.mkdir()
+    (work / "checkpoint-3").mkdir(parents=True)
+    (work / "checkpoint-3" / "w.bin").write_bytes(b"x" * 100)
+    discard_folder(work, out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+    (work / "checkpoint-3").mkdir(parents=True)
+    dead = 2 ** 22 + 12345  # above any pid_max this machine uses
+    monkeypatch.setattr(akio.os, "getpid", lambda: dead)
+    monkeypatch.setattr(akio.shutil, "rmtree", lambda *a, **k: None)
+    discard_folder(work, out)
+    monkeypatch.undo()
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert left == [f".model.{dead}.done.tmp", "model"]
+    assert sweep_stale_temps(out) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+    discard_folder(tmp_path / "absent.partial", out)  # nothing to discard: no error

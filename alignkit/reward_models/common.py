@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import math
 import random
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from .. import console
 from ..errors import DataError, UsageError
-from ..io import atomic_dir, manifest, read_records
+from ..io import atomic_dir, discard_folder, manifest, read_records
 from .inference import render, render_prompts, token_ids
 
 if TYPE_CHECKING:
@@ -351,7 +350,7 @@ def write_folder(out: str | Path, work: Path, *, force: bool, write: Callable[[P
             write(tmp)
             finish_folder(tmp, work, manifest(inputs=inputs, seed=seed, started=started,
                                               **info), final=out)
-        shutil.rmtree(work, ignore_errors=True)
+        discard_folder(work, out)
     barrier()
     return out
 
