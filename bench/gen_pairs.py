@@ -125,6 +125,11 @@ def worker_vllm(folder: str, cfg: dict) -> dict:
     os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
     os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")  # stdout: the result
     os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{(os.cpu_count() or 1) - 1}")
+    # the KV cache size vLLM's CPU docs tell a user to set: its default reserves 92% of
+    # the memory node and refuses to start when that much is not free (it did on a
+    # 2-core AMD EPYC machine whose node 0 has 14 GiB); 4 GiB holds this workload's
+    # 128 sequences many times over
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
     from transformers import AutoTokenizer
     from vllm import LLM, SamplingParams
     t0 = time.perf_counter()
