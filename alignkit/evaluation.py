@@ -268,7 +268,7 @@ def sequence_kl(model, base, items: list[tuple[list[int], list[int]]], pad: int,
     lp_m: list = [[] for _ in range(n)]
     lp_b: list = [[] for _ in range(n)]
     exact = [0.0] * n
-    chosen = []  # the model's completion-position log-probs, for the top-k indicators
+    chosen = []  # (top-k entropy, top-k mass, positions) of each batch, for the weighted mean
     order = sorted((i for i in range(n) if items[i][1]), key=lambda i: len(items[i][0]) + len(items[i][1]))
     device = model_device(model)
     with torch.inference_mode():
