@@ -256,38 +256,27 @@ def sequence_kl(model, base, items: list[tuple[list[int], list[int]]], pad: int,
     Σ_t Σ_v π(v|·) log(π(v|·)/π_ref(v|·)) summed over each completion, and
     (top-k entropy bits, top-k mass) of `model` over all completion tokens, or None).
 
-    Items are batched by length (`KL_FORWARD_ROWS` per forward, left padded) and only the
-    completion positions' logits are computed and taken to fp32: the prompt positions and
-    the padding never reach the full-vocabulary log-softmax. Lists come back in the
-    items' order; an item with an empty completion gets empty lists and an exact KL of 0.
+    Items are batched by length (`generation.completion_logits`, `KL_FORWARD_ROWS` per
+    forward) and only the completion positions' logits are computed and taken to fp32:
+    the prompt positions and the padding never reach the full-vocabulary log-softmax.
+    Lists come back in the items' order; an item with an empty completion gets empty
+    lists and an exact KL of 0.
     """
     import torch
 
-    from .generation import forward_keep, left_pad, model_device
+    from .generation import completion_logits
     n = len(items)
     lp_m: list = [[] for _ in range(n)]
     lp_b: list = [[] for _ in range(n)]
     exact = [0.0] * n
     chosen = []  # (top-k entropy, top-k mass, positions) of each batch, for the weighted mean
-    order = sorted((i for i in range(n) if items[i][1]), key=lambda i: len(items[i][0]) + len(items[i][1]))
-    device = model_device(model)
     with torch.inference_mode():
-        for start in range(0, len(order), KL_FORWARD_ROWS):
-            idx = order[start:start + KL_FORWARD_ROWS]
-            keep = max(len(items[i][1]) for i in idx)
-            ids, mask, pos = left_pad([items[i][0] + items[i][1] for i in idx], pad, device)
-            kw = dict(input_ids=ids, attention_mask=mask, position_ids=pos)
-            # logits at position t-1 predict token t: the last `keep` predictions before the end
-            out_m = forward_keep(model, keep + 1, **kw)[1][:, :-1]
-            out_b = forward_keep(base, keep + 1, **kw)[1][:, :-1]
-            sel = torch.zeros(out_m.shape[:2], dtype=torch.bool, device=out_m.device)
-            for b, i in enumerate(idx):
-                sel[b, keep - len(items[i][1]):] = True
-            logq_m = torch.log_softmax(out_m[sel].float(), -1)   # [tokens, V], rows in order
-            logq_b = torch.log_softmax(out_b[sel].float(), -1)
-            tgt = torch.cat([torch.tensor(items[i][1], device=logq_m.device) for i in idx])[:, None]
-            tok_m = logq_m.gather(-1, tgt)[:, 0].double().cpu()
-            tok_b = logq_b.gather(-1, tgt)[:, 0].double().cpu()
+        for idx, (out_m, out_b), tgt in completion_logits([model, base], items, pad_id=pad,
+                                                          batch_size=KL_FORWARD_ROWS):
+            logq_m = torch.log_softmax(out_m.float(), -1)   # [tokens, V], items in order
+            logq_b = torch.log_softmax(out_b.float(), -1)
+            tok_m = logq_m.gather(-1, tgt[:, None])[:, 0].double().cpu()
+            tok_b = logq_b.gather(-1, tgt[:, None])[:, 0].double().cpu()
             per_pos = (logq_m.exp() * (logq_m - logq_b)).sum(-1).double().cpu()
             at = 0
             for i in idx:
@@ -300,8 +289,6 @@ def sequence_kl(model, base, items: list[tuple[list[int], list[int]]], pad: int,
                 chosen.append((h, mm, logq_m.shape[0]))
             if advance is not None:
                 advance(len(idx))
-        if advance is not None and len(order) < n:
-            advance(n - len(order))
     if not chosen:
         return lp_m, lp_b, exact, None
     total = sum(c[2] for c in chosen)

@@ -460,39 +460,57 @@ def finish_row(tokenizer, row: dict, stops: set[int], return_ids: bool) -> dict:
 
 # --- teacher forcing ---------------------------------------------------------------------------
 
+def completion_logits(models: list, pairs: list[tuple[list[int], list[int]]], *,
+                      batch_size: int, pad_id: int):
+    """Teacher-forced logits of each model at the completion positions of (prompt ids,
+    completion ids) pairs: the one batching that `token_logps` and eval's KL pass share.
+
+    Pairs are sorted by total length, taken `batch_size` at a time, left padded, and
+    every model runs one forward per batch computing only the last positions' logits
+    (`forward_keep`). Yields (the batch's pair indices, one [tokens, V] tensor per model,
+    the completion ids [tokens]): rows are the batch's completion positions, pair after
+    pair in index order; a pair with an empty completion has no rows, and a batch of
+    empty completions yields nothing."""
+    import torch
+    device = model_device(models[0])
+    order = sorted(range(len(pairs)), key=lambda i: len(pairs[i][0]) + len(pairs[i][1]))
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        keep = max(len(pairs[i][1]) for i in idx)
+        if keep == 0:
+            continue
+        ids, mask, pos = left_pad([pairs[i][0] + pairs[i][1] for i in idx], pad_id, device)
+        sel = torch.zeros((len(idx), keep), dtype=torch.bool, device=device)
+        for b, i in enumerate(idx):  # logits at position t-1 predict token t
+            sel[b, keep - len(pairs[i][1]):] = True
+        logits = [forward_keep(m, keep + 1, input_ids=ids, attention_mask=mask,
+                               position_ids=pos)[1][:, :-1][sel] for m in models]
+        targets = torch.tensor([t for i in idx for t in pairs[i][1]], dtype=torch.long,
+                               device=device)
+        yield idx, logits, targets
+
+
 def token_logps(model, pairs: list[tuple[list[int], list[int]]], *, batch_size: int = 8,
                 pad_id: int = 0) -> list[list[float]]:
     """Per-token log-probabilities of each completion (ids) given its prompt (ids), by one
-    teacher-forced forward pass per batch (left padded; only the completion positions'
-    logits are computed)."""
+    teacher-forced forward pass per batch (`completion_logits`: left padded; only the
+    completion positions' logits are computed)."""
     import torch
-    device = model_device(model)
-    out: list[list[float] | None] = [None] * len(pairs)
-    order = sorted(range(len(pairs)), key=lambda i: len(pairs[i][0]) + len(pairs[i][1]))
+    if any(c and not p for p, c in pairs):
+        raise AlignkitError("cannot score a completion after an empty prompt")
+    out: list[list[float]] = [[] for _ in pairs]
     with _no_grad(model), _eval_mode(model):
-        for start in range(0, len(order), batch_size):
-            idx = order[start:start + batch_size]
-            k_max = max(len(pairs[i][1]) for i in idx)
-            if k_max == 0:
-                for i in idx:
-                    out[i] = []
-                continue
+        for idx, (logits,), targets in completion_logits([model], pairs, batch_size=batch_size,
+                                                         pad_id=pad_id):
+            rows = logits.float()
+            lp = (rows.gather(1, targets[:, None]).squeeze(1)
+                  - torch.logsumexp(rows, dim=-1)).double().cpu()
+            at = 0
             for i in idx:
-                if not pairs[i][0]:
-                    raise AlignkitError("cannot score a completion after an empty prompt")
-            ids, mask, pos = left_pad([pairs[i][0] + pairs[i][1] for i in idx], pad_id, device)
-            logits = forward_keep(model, k_max + 1, input_ids=ids, attention_mask=mask,
-                                   position_ids=pos)[1][:, :-1]
-            for b, i in enumerate(idx):
-                comp = pairs[i][1]
-                if not comp:
-                    out[i] = []
-                    continue
-                row = logits[b, k_max - len(comp):].float()
-                target = torch.tensor(comp, device=device)[:, None]
-                lp = row.gather(1, target).squeeze(1) - torch.logsumexp(row, dim=-1)
-                out[i] = lp.double().cpu().tolist()
-    return out  # type: ignore[return-value]
+                c = len(pairs[i][1])
+                out[i] = lp[at:at + c].tolist()
+                at += c
+    return out
 
 
 def completion_logps(model, tokenizer, rendered_prompts: list[str], completions: list, *,
