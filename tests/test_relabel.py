@@ -156,6 +156,13 @@ def test_finished_only_pairs_only_completions_that_ended(cli, tmp_path):
     out = list(r.run([rec, allcut]))
     assert [(p["chosen"], p["rejected"]) for p in out] == [("good", "fair")]
     assert r.summary["cut completions"] == 3 and r.summary["records with every completion cut"] == 1
+    # ids name the input's completions (fair is completion 2), and no bookkeeping leaks out
+    assert out[0]["id"] == "x-0-2" and not [k for k in out[0] if k.startswith("_")]
+    ranked = list(Relabeler("rank", RelabelOptions(finished_only=True)).run([rec]))
+    assert [c["text"] for c in ranked[0]["completions"]] == ["good", "fair"]
+    assert not [k for k in ranked[0] if k.startswith("_")]
+    unp = relabel([rec], "unpaired", finished_only=True, threshold=0.7)
+    assert [u["id"] for u in unp] == ["x-0", "x-2"]
     assert [(p["chosen"], p["rejected"]) for p in Relabeler("best-worst", RelabelOptions()).run(
         [rec])] == [("good", "cut")]
     path = write_jsonl(tmp_path / "s.jsonl", [rec, allcut])

@@ -112,6 +112,23 @@ def is_cut(c: dict) -> bool:
     return c.get("finished", True) is False
 
 
+# --finished-only drops cut completions before a strategy sees the record; this key holds the
+# kept completions' positions in the input record, so that ids name the input's completions
+KEPT = "_kept_completions"
+
+
+def completion_index(rec: dict, i: int) -> int:
+    """The position in the input record of completion `i` of `rec` (the same unless
+    --finished-only dropped some)."""
+    kept = rec.get(KEPT)
+    return kept[i] if kept is not None else i
+
+
+def without_kept(rec: dict) -> dict:
+    """`rec` without the --finished-only bookkeeping key."""
+    return {k: v for k, v in rec.items() if k != KEPT} if KEPT in rec else rec
+
+
 def is_reference_field(key: str) -> bool:
     """A reference value computed for one (prompt, completion) text: `ref_logp_chosen`,
     `ref_logp_rejected`, an unpaired record's `ref_logp` (every `ref_*` key)."""
@@ -234,7 +251,8 @@ def pair_record(rec: dict, ci: int, c: dict, ri: int, r: dict) -> dict:
     """The pair of completions `ci` (chosen) and `ri` (rejected) of a samples record: their
     texts, scores and margin, their reference log-probs when usable, cut flags, and the
     record's other fields."""
-    pair = {"id": f"{rec['id']}-{ci}-{ri}", "prompt": rec["prompt"],
+    pair = {"id": f"{rec['id']}-{completion_index(rec, ci)}-{completion_index(rec, ri)}",
+            "prompt": rec["prompt"],
             "chosen": c["text"], "rejected": r["text"],
             "score_chosen": c["score"], "score_rejected": r["score"],
             "margin": c["score"] - r["score"]}
@@ -245,6 +263,6 @@ def pair_record(rec: dict, ci: int, c: dict, ri: int, r: dict) -> dict:
     if is_cut(c) or is_cut(r):
         pair["finished_chosen"], pair["finished_rejected"] = not is_cut(c), not is_cut(r)
     for k, v in rec.items():
-        if k not in ("id", "prompt", "completions"):
+        if k not in ("id", "prompt", "completions", KEPT):
             pair.setdefault(k, v)
     return pair

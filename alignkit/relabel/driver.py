@@ -29,7 +29,7 @@ from ..checks import as_text, count_words
 from ..errors import DataError, UsageError
 from ..records import UNIQUE_ID_KINDS, validate
 from ..registry import params_of
-from .base import STRATEGIES, RelabelOptions, Where, without_references
+from .base import KEPT, STRATEGIES, RelabelOptions, Where, without_kept, without_references
 
 KIND_PLURAL = {"pair": "pairs", "ranking": "rankings", "unpaired": "unpaired records",
                "prompt": "prompt records"}  # prompt: referee-tasks (referee.py)
@@ -111,6 +111,7 @@ class Relabeler:
             outs = self.strategy.process(batch)
             batch.clear()
             for out in outs:
+                out = without_kept(out)
                 if self.strategy.rewrites_text:
                     out = without_references(out)
                 if self.opts.dedupe:
@@ -130,12 +131,12 @@ class Relabeler:
             rec = self._validated(rec, where)
             self.summary["_read"] += 1
             if self.opts.finished_only and isinstance(rec.get("completions"), list):
-                kept = [c for c in rec["completions"] if c.get("finished") is not False]
-                self.summary["cut completions"] += len(rec["completions"]) - len(kept)
-                if not kept:
+                idx = [i for i, c in enumerate(rec["completions"]) if c.get("finished") is not False]
+                self.summary["cut completions"] += len(rec["completions"]) - len(idx)
+                if not idx:
                     self.summary["records with every completion cut"] += 1
                     continue
-                rec = {**rec, "completions": kept}
+                rec = {**rec, "completions": [rec["completions"][i] for i in idx], KEPT: idx}
             batch.append((rec, where))
             if len(batch) >= self.batch_records:
                 yield from flush()

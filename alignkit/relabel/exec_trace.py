@@ -38,7 +38,7 @@ from ..errors import DataError
 from ..registry import Param
 from ..scorers.code import (DEFAULT_MEMORY_MB, DEFAULT_TIMEOUT, execute, extract_code,
                             parse_tests)
-from .base import Strategy, strategy
+from .base import Strategy, completion_index, strategy
 
 MAX_VARS = Param("max_vars", int, 3, "exec-trace: questions on at most the last N local "
                  "variables of the tested function (CodeRL+: 3).", low=1, metavar="N")
@@ -158,7 +158,7 @@ def exec_trace_records(rec: dict, *, max_vars: int = 3, include_passing: bool = 
             answer = json.dumps(value, ensure_ascii=False)
             if len(answer) > MAX_ANSWER_CHARS:
                 continue
-            out.append({"id": f"{rec['id']}-{ci}-{var}",
+            out.append({"id": f"{rec['id']}-{completion_index(rec, ci)}-{var}",
                         "prompt": PROMPT.format(code=code.strip("\n"), question=question),
                         "meta": {"answer": answer,
                                  "checks": [{"type": "exact", "answer": answer}],

@@ -15,7 +15,7 @@ from typing import Sequence
 
 from ..errors import UsageError
 from ..registry import Param
-from .base import Strategy, is_cut, ref_usable, strategy
+from .base import Strategy, completion_index, is_cut, ref_usable, strategy, without_kept
 
 MEDIAN = 0.5  # the quantile without --threshold and --quantile
 THRESHOLD = Param("threshold", float, None, "Label = score >= THRESHOLD.")
@@ -40,7 +40,7 @@ class Rank(Strategy):
         if not scored:
             return []
         ranked = sorted((c for _, c in scored), key=lambda c: -c["score"])
-        return [{**rec, "completions": ranked}]
+        return [{**without_kept(rec), "completions": ranked}]
 
 
 @strategy("unpaired", "one KTO record per scored completion, labelled by --threshold or "
@@ -58,7 +58,8 @@ class Unpaired(Strategy):
     def record(self, rec, where):
         out = []
         for i, c in self.scored(rec, where):
-            u = {"id": f"{rec['id']}-{i}", "prompt": rec["prompt"], "completion": c["text"],
+            u = {"id": f"{rec['id']}-{completion_index(rec, i)}", "prompt": rec["prompt"],
+                 "completion": c["text"],
                  "label": None, "score": c["score"]}
             if ref_usable(c):
                 u["ref_logp"] = c["logp"]
