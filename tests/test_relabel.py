@@ -163,6 +163,10 @@ def test_finished_only_pairs_only_completions_that_ended(cli, tmp_path):
     assert not [k for k in ranked[0] if k.startswith("_")]
     unp = relabel([rec], "unpaired", finished_only=True, threshold=0.7)
     assert [u["id"] for u in unp] == ["x-0", "x-2"]
+    # an input record that carries the bookkeeping key itself does not steer the ids
+    forged = {**rec, "_kept_completions": [7, 8, 9]}
+    assert [p["id"] for p in relabel([forged], "best-worst")] == ["x-0-1"]
+    assert [p["id"] for p in relabel([forged], "best-worst", finished_only=True)] == ["x-0-2"]
     assert [(p["chosen"], p["rejected"]) for p in Relabeler("best-worst", RelabelOptions()).run(
         [rec])] == [("good", "cut")]
     path = write_jsonl(tmp_path / "s.jsonl", [rec, allcut])

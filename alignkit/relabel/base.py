@@ -114,6 +114,7 @@ def is_cut(c: dict) -> bool:
 
 # --finished-only drops cut completions before a strategy sees the record; this key holds the
 # kept completions' positions in the input record, so that ids name the input's completions
+# (an input field of that name is dropped on reading)
 KEPT = "_kept_completions"
 
 

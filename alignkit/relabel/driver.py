@@ -130,6 +130,7 @@ class Relabeler:
             rec, where = item if isinstance(item, tuple) else (item, (None, None))
             rec = self._validated(rec, where)
             self.summary["_read"] += 1
+            rec = without_kept(rec)  # the bookkeeping key is ours, never the input's
             if self.opts.finished_only and isinstance(rec.get("completions"), list):
                 idx = [i for i, c in enumerate(rec["completions"]) if c.get("finished") is not False]
                 self.summary["cut completions"] += len(rec["completions"]) - len(idx)
