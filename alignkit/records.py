@@ -103,6 +103,7 @@ _COMPLETION = {
         "text": _TEXT,
         "logp": _NUM,
         "n_tokens": {"type": "integer", "minimum": 0},
+        "finished": {"type": "boolean"},
         "source": {"type": "string"},
         "score": _NUM,
         "scores": {"type": "object", "additionalProperties": _NUM},

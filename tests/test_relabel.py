@@ -175,6 +175,19 @@ def test_finished_only_pairs_only_completions_that_ended(cli, tmp_path):
     assert "read 2 records" in res.err and "cut completions 3" in res.err
 
 
+def test_a_finished_flag_that_is_not_a_boolean_is_a_data_error(cli, tmp_path):
+    """`"finished": "no"` would count as finished under --finished-only; it is refused
+    with its line and field, exit 3, and no output is written."""
+    good = scored("a", [1.0, 0.0])
+    bad = scored("b", [1.0, 0.0])
+    bad["completions"][1]["finished"] = "no"
+    path = write_jsonl(tmp_path / "s.jsonl", [good, bad])
+    out = tmp_path / "pairs.jsonl"
+    res = cli(["relabel", "--finished-only", path, "-o", str(out)])
+    assert res.code == 3 and ":2:" in res.err and "completions[1].finished" in res.err
+    assert "expected boolean" in res.err and not out.exists()
+
+
 def test_all_pairs():
     out = relabel([scored("s", [0.2, 0.8, 0.2, 0.5])], "all-pairs")
     assert [(p["id"], p["margin"]) for p in out] == [
