@@ -114,7 +114,7 @@ def is_cut(c: dict) -> bool:
 
 # --finished-only drops cut completions before a strategy sees the record; this key holds the
 # kept completions' positions in the input record, so that ids name the input's completions
-# (an input field of that name is dropped on reading)
+# (an input field of that name is dropped on reading, and the driver strips it from outputs)
 KEPT = "_kept_completions"
 
 
@@ -264,6 +264,6 @@ def pair_record(rec: dict, ci: int, c: dict, ri: int, r: dict) -> dict:
     if is_cut(c) or is_cut(r):
         pair["finished_chosen"], pair["finished_rejected"] = not is_cut(c), not is_cut(r)
     for k, v in rec.items():
-        if k not in ("id", "prompt", "completions", KEPT):
+        if k not in ("id", "prompt", "completions"):
             pair.setdefault(k, v)
     return pair

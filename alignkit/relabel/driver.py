@@ -29,7 +29,8 @@ from ..checks import as_text, count_words
 from ..errors import DataError, UsageError
 from ..records import UNIQUE_ID_KINDS, validate
 from ..registry import params_of
-from .base import KEPT, STRATEGIES, RelabelOptions, Where, without_kept, without_references
+from .base import (KEPT, STRATEGIES, RelabelOptions, Where, is_cut, without_kept,
+                   without_references)
 
 KIND_PLURAL = {"pair": "pairs", "ranking": "rankings", "unpaired": "unpaired records",
                "prompt": "prompt records"}  # prompt: referee-tasks (referee.py)
@@ -111,7 +112,7 @@ class Relabeler:
             outs = self.strategy.process(batch)
             batch.clear()
             for out in outs:
-                out = without_kept(out)
+                out = without_kept(out)  # the one place the bookkeeping key leaves
                 if self.strategy.rewrites_text:
                     out = without_references(out)
                 if self.opts.dedupe:
@@ -132,7 +133,7 @@ class Relabeler:
             self.summary["_read"] += 1
             rec = without_kept(rec)  # the bookkeeping key is ours, never the input's
             if self.opts.finished_only and isinstance(rec.get("completions"), list):
-                idx = [i for i, c in enumerate(rec["completions"]) if c.get("finished") is not False]
+                idx = [i for i, c in enumerate(rec["completions"]) if not is_cut(c)]
                 self.summary["cut completions"] += len(rec["completions"]) - len(idx)
                 if not idx:
                     self.summary["records with every completion cut"] += 1

@@ -15,7 +15,7 @@ from typing import Sequence
 
 from ..errors import UsageError
 from ..registry import Param
-from .base import Strategy, completion_index, is_cut, ref_usable, strategy, without_kept
+from .base import Strategy, completion_index, is_cut, ref_usable, strategy
 
 MEDIAN = 0.5  # the quantile without --threshold and --quantile
 THRESHOLD = Param("threshold", float, None, "Label = score >= THRESHOLD.")
@@ -40,7 +40,7 @@ class Rank(Strategy):
         if not scored:
             return []
         ranked = sorted((c for _, c in scored), key=lambda c: -c["score"])
-        return [{**without_kept(rec), "completions": ranked}]
+        return [{**rec, "completions": ranked}]
 
 
 @strategy("unpaired", "one KTO record per scored completion, labelled by --threshold or "
