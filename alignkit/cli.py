@@ -162,11 +162,44 @@ def _readable_metavars(cmd) -> None:
             param.metavar = label
 
 
+def _float_annotation(param) -> bool:
+    """Whether a typer option holds a float (float, float | None, list[float])."""
+    import typing
+    ann = getattr(getattr(param, "type_descriptor", None), "annotation", None)
+    if typing.get_origin(ann) is list:
+        ann = (typing.get_args(ann) or (str,))[0]
+    args = [a for a in typing.get_args(ann) if a is not type(None)]
+    return ann is float or args == [float]
+
+
+def _finite_floats(cmd) -> None:
+    """Every float option of every command refuses nan and inf (a usage error, exit 2):
+    `float()` parses them, and a bound such as `>= 0` does not catch nan."""
+    import math
+    for sub in getattr(cmd, "commands", {}).values():
+        _finite_floats(sub)
+    for param in getattr(cmd, "params", []):
+        if getattr(param, "param_type_name", "") != "option" or not _float_annotation(param):
+            continue
+        original = param.process_value
+
+        def process_value(ctx, value, original=original, param=param):
+            value = original(ctx, value)
+            values = value if isinstance(value, (list, tuple)) else [value]
+            for v in values:
+                if isinstance(v, float) and not math.isfinite(v):
+                    from ._click import click
+                    raise click.UsageError(f"{param.opts[0]} must be finite, got {v}", ctx=ctx)
+            return value
+        param.process_value = process_value
+
+
 def click_command():
     """The click command tree of `alignkit` (what --help, docs and completions read)."""
     import typer.main
     cmd = typer.main.get_command(app)
     _readable_metavars(cmd)
+    _finite_floats(cmd)
     return cmd
 
 

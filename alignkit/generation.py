@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import inspect
+import math
 from dataclasses import dataclass
 
 from . import console, slots
@@ -59,8 +60,8 @@ class SampleParams:
         """Raise UsageError on an impossible setting (the CLI's exit 2)."""
         if self.n < 1:
             raise UsageError(f"-n/--num-samples must be >= 1, got {self.n}")
-        if self.temperature < 0:
-            raise UsageError(f"--temperature must be >= 0, got {self.temperature}")
+        if not 0 <= self.temperature < math.inf:  # also refuses nan
+            raise UsageError(f"--temperature must be >= 0 and finite, got {self.temperature}")
         if not 0.0 < self.top_p <= 1.0:
             raise UsageError(f"--top-p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:

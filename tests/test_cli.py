@@ -241,3 +241,38 @@ def test_lineage_marks_changed_and_missing_inputs(cli, tmp_path):
     tree = json.loads(cli(["lineage", out, "--json"]).out)
     assert {Path(k["artifact"]).name: k for k in tree["inputs"]}["prompts.jsonl"]["status"] == "changed"
     assert cli(["lineage", tmp_path / "nothing"]).code == 2
+
+
+def _float_options():
+    from alignkit.cli import _float_annotation, click_command
+
+    def walk(cmd, path=()):
+        subs = getattr(cmd, "commands", {})
+        for name, sub in subs.items():
+            yield from walk(sub, path + (name,))
+        if not subs:
+            yield path, cmd
+    return [(list(path), p.opts[0]) for path, cmd in walk(click_command()) for p in cmd.params
+            if getattr(p, "param_type_name", "") == "option" and _float_annotation(p)]
+
+
+def test_every_float_option_refuses_nan_and_inf_as_a_usage_error(cli):
+    """`float()` reads 'nan' and 'inf', and a bound like `>= 0` lets nan through: every
+    float flag of every command refuses both before any work (exit 2, the flag named)."""
+    options = _float_options()
+    assert len(options) > 40 and (["eval"], "--temperature") in options
+    for path, flag in options:
+        for bad in ("nan", "-inf"):
+            r = cli([*path, flag, bad, "-"], stdin="")
+            assert r.code == 2 and f"{flag} must be finite" in r.err, (path, flag, bad, r.err)
+    r = cli(["gen-pairs", "--model", "tiny-llama", "--temperature", "0.5", "--help"])
+    assert r.code == 0
+
+
+def test_sample_params_refuse_a_nan_temperature():
+    from alignkit.errors import UsageError
+    from alignkit.generation import SampleParams
+    for t in (float("nan"), float("inf"), -1.0):
+        with pytest.raises(UsageError, match="--temperature"):
+            SampleParams(temperature=t).check()
+    assert SampleParams(temperature=0.0).check().temperature == 0.0
