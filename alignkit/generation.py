@@ -95,6 +95,13 @@ def row_seed(seed: int, key: str, j: int) -> int:
 
 # --- model plumbing --------------------------------------------------------------------
 
+def context_length(model) -> int | None:
+    """The model's context in tokens (`max_position_embeddings`), None if it has none."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    n = getattr(getattr(base, "config", None), "max_position_embeddings", None)
+    return n if isinstance(n, int) and n > 0 else None
+
+
 def model_device(model):
     return next(model.parameters()).device
 
@@ -405,6 +412,10 @@ def sample(model, tokenizer, prompts: list, params: SampleParams, *, system: str
     advance instead of opening a bar named `progress_desc`.
     """
     params.check()
+    context = context_length(model)
+    if context is not None and params.max_new_tokens > context:
+        raise UsageError(f"--max-new-tokens {params.max_new_tokens} exceeds the model's context "
+                         f"of {context} tokens (config.max_position_embeddings)")
     if ref_model is not None:
         if not 0.0 <= alpha <= 1.0:
             raise UsageError(f"--alpha must be in [0, 1], got {alpha}")

@@ -727,3 +727,16 @@ def test_killed_at_random_points_then_resumed_gives_the_uninterrupted_records(ti
         got = [json.loads(x) for x in again.read_text().splitlines()]
         _same_records(got, [dict(w) for w in want])
     assert kinds != {"empty"}, kinds  # at least one kill landed mid-file
+
+
+def test_max_new_tokens_beyond_the_models_context_is_a_usage_error(cli, tmp_path, tiny_model, lm):
+    """A cache of 10^9 positions is not allocated (it crashed with exit 1): the sampler
+    refuses more new tokens than the model's max_position_embeddings, before any work."""
+    from alignkit.errors import UsageError
+    context = lm[0].config.max_position_embeddings
+    with pytest.raises(UsageError, match=f"context of {context} tokens"):
+        sample(lm[0], lm[1], ["hi"], SampleParams(n=1, max_new_tokens=context + 1))
+    src = write_jsonl(tmp_path / "p.jsonl", PROMPTS[:1])
+    out = tmp_path / "s.jsonl"
+    r = cli(["gen-pairs", "--model", tiny_model, "--max-new-tokens", "1000000000", src, "-o", out])
+    assert r.code == 2 and "exceeds the model's context" in r.err and not out.exists()
